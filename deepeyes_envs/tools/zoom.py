@@ -1,0 +1,85 @@
+"""``image_zoom_in_tool``: crop a box of an image and show it to the model at full resolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..images import box_to_original
+from .base import Tool, ToolContext, ToolError, ToolResult, register_tool
+
+INVALID_ZOOM = "ZOOM IN ARGUMENTS ARE INVALID"  # DeepEyes' message, kept for compatibility
+MIN_SIDE = 30  # a crop's shorter side must exceed this many original pixels
+MAX_ASPECT = 100
+
+
+@register_tool
+class ZoomInTool(Tool):
+    name = "image_zoom_in_tool"
+    description = (
+        "Crop a region of an image, given as a bounding box, and look at that region at full resolution. "
+        "Use it to read small text or inspect small objects."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {
+            "bbox_2d": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 4,
+                "maxItems": 4,
+                "description": "Region to crop as [x1, y1, x2, y2] in pixels: top-left, then bottom-right corner.",
+                "examples": [[10, 20, 100, 200]],
+            },
+            "label": {"type": "string", "description": "What is in the region (optional)."},
+            "image_index": {
+                "type": "integer",
+                "description": "Which image to crop: 0 is the original, 1 the first image a tool returned, and so on "
+                "(optional, default 0).",
+            },
+        },
+        "required": ["bbox_2d"],
+    }
+
+    def execute(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
+        index = self._image_index(arguments, context)
+        image = context.images[index]
+        height, width = image.shape[:2]
+        given = tuple(float(v) for v in arguments["bbox_2d"])
+        box = given
+        if context.coordinate_frame == "seen":
+            box = box_to_original(given, context.seen_sizes[index], (width, height))
+        x1, y1, x2, y2 = max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3])
+        reason = _invalid_reason(x1, y1, x2, y2)
+        if reason:
+            detail = f": {given} clamped to the {width}x{height} image is {reason}" if context.strict else ""
+            raise ToolError(INVALID_ZOOM + detail)
+        left, top, right, bottom = (round(v) for v in (x1, y1, x2, y2))
+        crop = image[top:bottom, left:right]
+        return ToolResult(
+            images=(crop,),
+            info={"image_index": index, "bbox_given": list(given), "bbox_image": [x1, y1, x2, y2],
+                  "crop_pixels": [left, top, right, bottom]},
+        )
+
+    @staticmethod
+    def _image_index(arguments: dict[str, Any], context: ToolContext) -> int:
+        index = arguments.get("image_index", 0)
+        if not context.allow_image_index:
+            return 0
+        index = int(index)
+        if not 0 <= index < len(context.images):
+            raise ToolError(f"image_index {index} does not exist; images 0 to {len(context.images) - 1} are available")
+        return index
+
+
+def _invalid_reason(x1: float, y1: float, x2: float, y2: float) -> str:
+    """Why DeepEyes would reject this clamped box, or '' when it is acceptable."""
+    if not (x1 < x2 and y1 < y2):
+        return f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}], which is empty (it lies off the image or is inverted)"
+    w, h = x2 - x1, y2 - y1
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        return f"{w:g}x{h:g} pixels, thinner than the allowed aspect ratio of {MAX_ASPECT}"
+    if min(w, h) <= MIN_SIDE:
+        return f"{w:g}x{h:g} pixels; both sides must exceed {MIN_SIDE} pixels"
+    return ""
+
