@@ -176,24 +176,3 @@ def env_name_of(task: Task) -> str:
     Agentic and non-agentic rows are mixed in one DeepEyes batch and told apart by this alone.
     """
     return task.env_name or ""
-
-
-# The file loaders live in ``datasets.py`` (they need pyarrow); these names are re-exported here
-# lazily so ``from deepeyes_envs.tasks import load_deepeyes_parquet`` works without importing
-# pyarrow on ``import deepeyes_envs``.
-_LAZY_FROM_DATASETS = (
-    "load_deepeyes_parquet",
-    "load_hf_dataset",
-    "task_from_deepeyes_row",
-    "write_deepeyes_parquet",
-    "ParquetTaskSource",
-    "HFTaskSource",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_FROM_DATASETS:
-        from . import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

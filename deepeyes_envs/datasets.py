@@ -1,0 +1,613 @@
+"""Task files: DeepEyes parquet rows and Hugging Face ``datasets`` -> :class:`~deepeyes_envs.tasks.Task`.
+
+Both loaders are lazy: a row becomes a ``Task`` only when a source is indexed, and its images
+become :class:`~deepeyes_envs.images.LazyImage` (compressed bytes or a path), so thousands of 4K
+images cost their compressed size until an env resets on one. Bad rows raise ``TaskError`` naming
+the row and the field; bad pixels raise ``ImageError`` naming the task when the env loads them.
+
+The Hugging Face ``datasets`` package is optional (the ``agent`` extra) and imported only inside
+:func:`load_hf_dataset`, so ``import deepeyes_envs`` stays light.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .images import LazyImage, encode_png, to_rgb_array
+from .messages import IMAGE_PLACEHOLDER
+from .prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT, SYSTEM_PROMPT_V2, USER_PROMPT_V2
+from .tasks import (
+    Box,
+    ConcatTaskSource,
+    IndexedTaskSource,
+    Task,
+    TaskError,
+    TaskSource,
+    format_multiple_choice,
+)
+
+PathLike = Union[str, os.PathLike]
+
+# Columns every DeepEyes row must have (``env_name`` may be null: the plain env).
+REQUIRED_FIELDS = ("data_source", "prompt", "images", "env_name", "reward_model")
+
+# Instruction suffixes stripped when a question has to be recovered from the user text.
+_INSTRUCTION_SUFFIXES = (USER_PROMPT_V2, PLAIN_USER_PROMPT)
+
+DEEPEYES_SCHEMA = pa.schema(
+    [
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ("ability", pa.string()),
+        ("env_name", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        (
+            "extra_info",
+            pa.struct(
+                [
+                    ("split", pa.string()),
+                    ("index", pa.int64()),
+                    ("answer", pa.string()),
+                    ("question", pa.string()),
+                    # Our additions; DeepEyes readers ignore unknown struct fields.
+                    ("task_id", pa.string()),
+                    ("options", pa.list_(pa.string())),
+                    ("gt_boxes", pa.list_(pa.list_(pa.float64()))),
+                    ("tools", pa.list_(pa.string())),
+                    ("prompt_generated", pa.bool_()),
+                ]
+            ),
+        ),
+    ]
+)
+
+
+# --- one DeepEyes row -> Task -------------------------------------------------------------------
+
+
+def task_from_deepeyes_row(row: Mapping[str, Any], index: int | str, image_root: Optional[PathLike] = None) -> Task:
+    """Turn one DeepEyes parquet row (REFERENCE.md section 4) into a Task.
+
+    The prompt is kept verbatim (a DeepEyes checkpoint was trained on it); the question comes from
+    ``extra_info.question`` or, failing that, from the user text with ``<image>`` and the instruction
+    suffix removed; the answer is ``reward_model.ground_truth``. Image paths are resolved against
+    ``image_root``. Any missing or malformed field raises ``TaskError`` naming ``index`` and the field.
+    """
+    where = f"row {index}"
+    if not isinstance(row, Mapping):
+        raise TaskError(f"{where}: expected a mapping, got {type(row).__name__}")
+    for name in REQUIRED_FIELDS:
+        if name not in row or (row[name] is None and name != "env_name"):
+            raise TaskError(f"{where}: missing field {name!r}")
+    data_source = _text(row["data_source"], where, "data_source")
+    env_name = "" if row["env_name"] is None else _text(row["env_name"], where, "env_name")
+    prompt = _prompt(row["prompt"], where)
+    reward_model = _mapping(row["reward_model"], where, "reward_model")
+    if reward_model.get("ground_truth") is None:
+        raise TaskError(f"{where}: missing field 'reward_model.ground_truth'")
+    answer = _scalar_text(reward_model["ground_truth"], where, "reward_model.ground_truth")
+    extra_info = {} if row.get("extra_info") is None else _mapping(row["extra_info"], where, "extra_info")
+
+    task_id = extra_info.get("task_id") or f"{data_source or 'row'}-{extra_info.get('index', index)}"
+    images = _images(row["images"], where, f"{where} ({task_id})", image_root)
+    n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in prompt)
+    if n_placeholders != len(images):
+        raise TaskError(
+            f"{where}: prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
+        )
+
+    question = extra_info.get("question")
+    if not isinstance(question, str) or not question.strip():
+        question = question_from_prompt(prompt)
+    return Task(
+        question=question,
+        answer=answer,
+        images=images,
+        data_source=data_source,
+        env_name=env_name,
+        task_id=str(task_id),
+        options=_options(extra_info.get("options"), where, "extra_info.options"),
+        gt_boxes=_boxes(extra_info.get("gt_boxes"), where, "extra_info.gt_boxes"),
+        prompt=None if extra_info.get("prompt_generated") else prompt,
+        tools=_str_tuple(extra_info.get("tools"), where, "extra_info.tools"),
+        extra={
+            "ability": row.get("ability") or "",
+            "split": extra_info.get("split") or "",
+            "reward_style": reward_model.get("style") or "",
+            "row_index": index,
+        },
+    )
+
+
+def question_from_prompt(prompt: Sequence[Mapping[str, str]]) -> str:
+    """The question inside the last user message: placeholders and instruction suffix removed."""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    text = users[-1] if users else ""
+    text = text.replace(IMAGE_PLACEHOLDER, "")
+    for suffix in _INSTRUCTION_SUFFIXES:
+        if suffix in text:
+            text = text[: text.rindex(suffix)]
+            break
+    return text.strip()
+
+
+def _text(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise TaskError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _scalar_text(value: Any, where: str, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
+        raise TaskError(f"{where}: field {name!r} must be a string or number, got {type(value).__name__}")
+    return value if isinstance(value, str) else str(value)
+
+
+def _mapping(value: Any, where: str, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TaskError(f"{where}: field {name!r} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _sequence(value: Any, where: str, name: str) -> list[Any]:
+    if isinstance(value, np.ndarray):  # pandas hands list columns over as object arrays
+        value = list(value)
+    if not isinstance(value, (list, tuple)):
+        raise TaskError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _prompt(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    messages = _sequence(value, where, "prompt")
+    if not messages:
+        raise TaskError(f"{where}: field 'prompt' is empty")
+    out = []
+    for i, msg in enumerate(messages):
+        if not (isinstance(msg, Mapping) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            raise TaskError(f"{where}: prompt[{i}] must be {{'role': str, 'content': str}}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return tuple(out)
+
+
+def _images(value: Any, where: str, label: str, image_root: Optional[PathLike]) -> tuple[LazyImage, ...]:
+    entries = _sequence(value, where, "images")
+    images = []
+    for j, entry in enumerate(entries):
+        data, path = None, None
+        if isinstance(entry, Mapping):
+            data, path = entry.get("bytes"), entry.get("path")
+        elif isinstance(entry, (bytes, bytearray)):
+            data = entry
+        elif isinstance(entry, (str, os.PathLike)):
+            path = entry
+        name = f"{label} image {j}"
+        if data:
+            images.append(LazyImage(bytes(data), name=name))
+        elif path:
+            images.append(LazyImage(resolve_image_path(path, image_root), name=name))
+        else:
+            raise TaskError(f"{where}: images[{j}] has neither bytes nor a path")
+    return tuple(images)
+
+
+def resolve_image_path(path: PathLike, image_root: Optional[PathLike]) -> str:
+    """A relative image path is taken relative to ``image_root`` (when given)."""
+    path = os.fspath(path)
+    if image_root is not None and not os.path.isabs(path):
+        return os.path.join(os.fspath(image_root), path)
+    return path
+
+
+def _str_tuple(value: Any, where: str, name: str) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    items = _sequence(value, where, name)
+    if not all(isinstance(x, str) for x in items):
+        raise TaskError(f"{where}: every item of {name!r} must be a string")
+    return tuple(items)
+
+
+def _options(value: Any, where: str, name: str) -> Optional[tuple[str, ...]]:
+    if isinstance(value, Mapping):  # {"A": "red", "B": "blue"}: letter order
+        value = [value[k] for k in sorted(value)]
+    opts = _str_tuple(value, where, name)
+    return opts or None
+
+
+def _boxes(value: Any, where: str, name: str) -> tuple[Box, ...]:
+    if value is None:
+        return ()
+    boxes = []
+    for i, box in enumerate(_sequence(value, where, name)):
+        nums = _sequence(box, where, f"{name}[{i}]")
+        ok = len(nums) == 4 and all(isinstance(v, (int, float, np.number)) and math.isfinite(v) for v in nums)
+        if not ok or not (nums[0] <= nums[2] and nums[1] <= nums[3]):
+            raise TaskError(f"{where}: {name}[{i}] must be 4 finite numbers [x1, y1, x2, y2] with x1<=x2, y1<=y2")
+        boxes.append(tuple(float(v) for v in nums))
+    return tuple(boxes)
+
+
+# --- Task -> DeepEyes row, and writing files ---------------------------------------------------
+
+
+def deepeyes_prompt(task: Task) -> tuple[dict[str, str], ...]:
+    """The prompt DeepEyes would have stored for this task: its own if set, else the v2 (tool) or
+    plain style chosen by ``env_name``, one ``<image>`` line per image before the question."""
+    if task.prompt is not None:
+        return tuple(task.prompt)
+    system, suffix = (SYSTEM_PROMPT_V2, USER_PROMPT_V2) if task.env_name else (PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT)
+    user = f"{IMAGE_PLACEHOLDER}\n" * len(task.images) + task.question + suffix
+    return ({"role": "system", "content": system}, {"role": "user", "content": user})
+
+
+def task_to_deepeyes_row(task: Task, index: int, split: str = "train", embed_images: bool = True) -> dict[str, Any]:
+    """One DeepEyes row for ``task``; images become ``{bytes, path}`` (PNG bytes for pixels).
+
+    A task without its own prompt gets :func:`deepeyes_prompt` and ``extra_info.prompt_generated``,
+    so our loaders give it back with ``prompt=None`` and the env keeps using its own prompt style.
+    """
+    return {
+        "data_source": task.data_source,
+        "prompt": list(deepeyes_prompt(task)),
+        "images": [
+            _image_entry(img, embed_images, f"task {task.task_id or index} image {j}")
+            for j, img in enumerate(task.images)
+        ],
+        "ability": str(task.extra.get("ability", "")),
+        "env_name": task.env_name or "",
+        "reward_model": {"style": str(task.extra.get("reward_style") or "model"), "ground_truth": task.answer},
+        "extra_info": {
+            "split": split,
+            "index": index,
+            "answer": task.answer,
+            "question": task.question,
+            "task_id": task.task_id or None,
+            "options": list(task.options) if task.options is not None else None,
+            "gt_boxes": [list(map(float, b)) for b in task.gt_boxes] or None,
+            "tools": list(task.tools) if task.tools is not None else None,
+            "prompt_generated": task.prompt is None,
+        },
+    }
+
+
+def _image_entry(image: Any, embed: bool, name: str) -> dict[str, Any]:
+    if isinstance(image, LazyImage):
+        if isinstance(image.source, (bytes, bytearray)):
+            return {"bytes": image.to_bytes(), "path": None}
+        if type(image) is LazyImage:  # a file: keep its path beside (or instead of) the bytes
+            path = os.fspath(image.source)
+            return {"bytes": image.to_bytes() if embed else None, "path": path}
+        return {"bytes": image.to_bytes(), "path": None}  # subclasses (synthetic) render on demand
+    if isinstance(image, (bytes, bytearray)):
+        return {"bytes": bytes(image), "path": None}
+    if isinstance(image, (str, os.PathLike)):
+        return _image_entry(LazyImage(image, name=name), embed, name)
+    return {"bytes": encode_png(to_rgb_array(image, name=name)), "path": None}
+
+
+def write_deepeyes_parquet(
+    tasks: Iterable[Task],
+    path: PathLike,
+    *,
+    split: str = "train",
+    row_group_size: int = 32,
+    embed_images: bool = True,
+) -> int:
+    """Write tasks as a DeepEyes parquet file and return the number of rows.
+
+    Rows are written ``row_group_size`` at a time, so neither the tasks nor their encoded images
+    are all held in memory, and small row groups let :class:`ParquetTaskSource` read one row
+    without the rest. The file appears atomically (written beside, then renamed).
+    """
+    if row_group_size < 1:
+        raise ValueError("row_group_size must be at least 1")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    count = 0
+    try:
+        with pq.ParquetWriter(tmp, DEEPEYES_SCHEMA, compression="zstd") as writer:
+            batch: list[dict[str, Any]] = []
+            for task in tasks:
+                batch.append(task_to_deepeyes_row(task, count, split=split, embed_images=embed_images))
+                count += 1
+                if len(batch) == row_group_size:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=DEEPEYES_SCHEMA))
+                    batch = []
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema=DEEPEYES_SCHEMA))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+# --- reading parquet lazily --------------------------------------------------------------------
+
+
+class ParquetTaskSource(IndexedTaskSource):
+    """A DeepEyes parquet file read one row group at a time.
+
+    Random access reads the row's row group and keeps recently used ones up to ``cache_bytes``;
+    a row group bigger than that (files written by pandas often hold everything in one) is
+    streamed page by page up to the row instead, so memory stays bounded either way (with a
+    warning: rewrite such files with :func:`write_deepeyes_parquet` for fast random access). Iteration
+    streams the whole file in small batches. Pickling drops the open file and cache (for
+    ``AsyncVectorEnv`` workers), which reopen on first use.
+    """
+
+    def __init__(self, path: PathLike, image_root: Optional[PathLike] = None, cache_bytes: int = 64 << 20):
+        self.path = os.fspath(path)
+        self.image_root = None if image_root is None else os.fspath(image_root)
+        self.cache_bytes = cache_bytes
+        self._file: Optional[pq.ParquetFile] = None
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._warned = False
+        pf = self._parquet()
+        meta = pf.metadata
+        missing = [c for c in REQUIRED_FIELDS if c not in pf.schema_arrow.names]
+        if missing:
+            raise TaskError(f"{self.path}: not a DeepEyes parquet file, missing column(s) {missing}")
+        self._starts = [0]
+        for rg in range(meta.num_row_groups):
+            self._starts.append(self._starts[-1] + meta.row_group(rg).num_rows)
+
+    def _parquet(self) -> pq.ParquetFile:
+        if self._file is None:
+            try:
+                self._file = pq.ParquetFile(self.path)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise TaskError(f"{self.path}: cannot read parquet file ({exc})") from exc
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _get(self, index: int) -> Task:
+        rg = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return task_from_deepeyes_row(self._row(rg, index - self._starts[rg]), index, self.image_root)
+
+    def _row(self, rg: int, offset: int) -> dict[str, Any]:
+        table = self._cache.get(rg)
+        if table is not None:
+            self._cache.move_to_end(rg)
+            return table.slice(offset, 1).to_pylist()[0]
+        pf = self._parquet()
+        if pf.metadata.row_group(rg).total_byte_size > self.cache_bytes:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"{self.path}: row group {rg} is larger than cache_bytes ({self.cache_bytes}); random access "
+                    "streams it from the start each time. Rewrite the file with small row groups: "
+                    "write_deepeyes_parquet(load_deepeyes_parquet(src), dst)",
+                    stacklevel=3,
+                )
+            for batch in pf.iter_batches(batch_size=16, row_groups=[rg]):
+                if offset < batch.num_rows:
+                    return batch.slice(offset, 1).to_pylist()[0]
+                offset -= batch.num_rows
+            raise IndexError(f"{self.path}: row group {rg} ended early")
+        table = pf.read_row_group(rg)
+        self._cache[rg] = table
+        while sum(t.nbytes for t in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return table.slice(offset, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[Task]:
+        index = 0
+        for batch in self._parquet().iter_batches(batch_size=16):
+            for row in batch.to_pylist():
+                yield task_from_deepeyes_row(row, index, self.image_root)
+                index += 1
+
+
+def load_deepeyes_parquet(
+    path: PathLike | Sequence[PathLike], image_root: Optional[PathLike] = None
+) -> TaskSource:
+    """Open one DeepEyes parquet file (or several, concatenated in order) as a lazy task source."""
+    if isinstance(path, (str, os.PathLike)):
+        return ParquetTaskSource(path, image_root=image_root)
+    return ConcatTaskSource([ParquetTaskSource(p, image_root=image_root) for p in path])
+
+
+# --- Hugging Face datasets ---------------------------------------------------------------------
+
+# Task field -> dataset column; None switches a field off. Optional columns absent from the
+# dataset are skipped; question, answer and image (unless None) must exist.
+DEFAULT_COLUMNS: dict[str, Optional[str]] = {
+    "question": "question",
+    "answer": "answer",
+    "image": "image",
+    "options": "options",
+    "gt_boxes": "gt_boxes",
+    "data_source": "data_source",
+    "env_name": "env_name",
+    "task_id": "id",
+}
+_REQUIRED_COLUMNS = ("question", "answer", "image")
+
+
+class HFTaskSource(IndexedTaskSource):
+    """A Hugging Face dataset seen as tasks, one row converted per access.
+
+    Image columns are cast to ``Image(decode=False)`` so rows carry ``{bytes, path}`` and nothing
+    is decoded until the env loads the task; the arrow data itself is memory-mapped by ``datasets``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        columns: Mapping[str, Optional[str]],
+        *,
+        data_source: str = "",
+        env_name: str = "visual_toolbox_v2",
+        image_root: Optional[PathLike] = None,
+        append_options: bool = True,
+    ):
+        self.columns = dict(columns)
+        self.data_source = data_source
+        self.env_name = env_name
+        self.image_root = None if image_root is None else os.fspath(image_root)
+        self.append_options = append_options
+        names = set(dataset.column_names)
+        for field in _REQUIRED_COLUMNS:
+            col = self.columns.get(field)
+            if col is not None and col not in names:
+                raise TaskError(f"dataset has no column {col!r} for {field!r} (columns: {sorted(names)})")
+        self.columns = {f: c for f, c in self.columns.items() if c is not None and c in names}
+        image_col = self.columns.get("image")
+        if image_col is not None:
+            dataset = dataset.cast_column(image_col, _undecoded(dataset.features[image_col]))
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _get(self, index: int) -> Task:
+        row = self.dataset[index]
+        where = f"row {index}"
+        cols = self.columns
+
+        def value(field: str) -> Any:
+            return row.get(cols[field]) if field in cols else None
+
+        for field in ("question", "answer"):
+            if value(field) is None:
+                raise TaskError(f"{where}: missing field {cols.get(field, field)!r}")
+        question = _text(value("question"), where, cols["question"])
+        answer = _scalar_text(value("answer"), where, cols["answer"])
+        options = _options(value("options"), where, cols.get("options", "options"))
+        if options and self.append_options and "(A)" not in question:
+            question = format_multiple_choice(question, options)
+        task_id = str(value("task_id") if value("task_id") is not None else f"{self.data_source or 'hf'}-{index}")
+        images: tuple[LazyImage, ...] = ()
+        if "image" in cols:
+            raw = value("image")
+            if raw is None:
+                raise TaskError(f"{where}: missing field {cols['image']!r}")
+            entries = raw if isinstance(raw, (list, tuple)) else [raw]
+            images = _images(entries, where, f"{where} ({task_id})", self.image_root)
+        env_name = value("env_name")
+        return Task(
+            question=question,
+            answer=answer,
+            images=images,
+            data_source=value("data_source") or self.data_source,
+            env_name=self.env_name if env_name is None else env_name,
+            task_id=task_id,
+            options=options,
+            gt_boxes=_boxes(value("gt_boxes"), where, cols.get("gt_boxes", "gt_boxes")),
+            extra={"row_index": index},
+        )
+
+
+def _undecoded(feature: Any) -> Any:
+    """The same feature with every ``Image`` set to ``decode=False`` (lists of images included)."""
+    from datasets import Image
+
+    if isinstance(feature, Image):
+        return Image(decode=False)
+    if isinstance(feature, dict):
+        return {k: _undecoded(v) for k, v in feature.items()}
+    if hasattr(feature, "feature"):  # List / Sequence / LargeList
+        out = copy.copy(feature)
+        out.feature = _undecoded(feature.feature)
+        return out
+    return feature
+
+
+def load_hf_dataset(
+    data: Any,
+    *,
+    split: Optional[str] = None,
+    columns: Optional[Mapping[str, Optional[str]]] = None,
+    data_source: str = "",
+    env_name: str = "visual_toolbox_v2",
+    image_root: Optional[PathLike] = None,
+    append_options: bool = True,
+) -> HFTaskSource:
+    """Tasks from a Hugging Face dataset held in local files.
+
+    ``data`` is a ``datasets.Dataset`` / ``DatasetDict`` already loaded, or a local path: a
+    directory written by ``save_to_disk``, a directory of images (``imagefolder``, with an optional
+    ``metadata.jsonl``), or ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` file(s). ``columns``
+    maps task fields (keys of ``DEFAULT_COLUMNS``) to column names, overriding the defaults.
+    Relative image paths resolve against ``image_root``, else the data file's directory.
+    ``split`` picks from a ``DatasetDict`` (default: ``"train"``, or its only split).
+    """
+    mapping = dict(DEFAULT_COLUMNS)
+    for field, col in (columns or {}).items():
+        if field not in DEFAULT_COLUMNS:
+            raise ValueError(f"unknown task field {field!r} in columns; expected one of {sorted(DEFAULT_COLUMNS)}")
+        mapping[field] = col
+    if isinstance(data, (str, os.PathLike, list, tuple)):
+        data, default_root = _load_local(data)
+        if image_root is None:
+            image_root = default_root
+    dataset = _pick_split(data, split)
+    return HFTaskSource(
+        dataset,
+        mapping,
+        data_source=data_source,
+        env_name=env_name,
+        image_root=image_root,
+        append_options=append_options,
+    )
+
+
+_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _load_local(data: PathLike | Sequence[PathLike]) -> tuple[Any, str]:
+    """Load local files with ``datasets``; returns the dataset and the directory paths are relative to."""
+    import datasets
+
+    paths = [os.fspath(p) for p in data] if isinstance(data, (list, tuple)) else [os.fspath(data)]
+    if not paths:
+        raise ValueError("no data files given")
+    first = paths[0]
+    if len(paths) == 1 and os.path.isdir(first):
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if any(os.path.exists(os.path.join(first, m)) for m in markers):
+            return datasets.load_from_disk(first), first
+        return datasets.load_dataset("imagefolder", data_dir=first), first
+    suffixes = {os.path.splitext(p)[1].lower() for p in paths}
+    builders = {_BUILDERS.get(s) for s in suffixes}
+    if len(builders) != 1 or None in builders:
+        if suffixes <= _IMAGE_SUFFIXES:
+            return datasets.load_dataset("imagefolder", data_files=paths), os.path.dirname(os.path.abspath(first))
+        raise ValueError(f"cannot tell how to load {paths}: use one of {sorted(_BUILDERS)} files or a directory")
+    return datasets.load_dataset(builders.pop(), data_files=paths), os.path.dirname(os.path.abspath(first))
+
+
+def _pick_split(data: Any, split: Optional[str]) -> Any:
+    import datasets
+
+    if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return data
+    names = list(data.keys())
+    if split is None:
+        split = "train" if "train" in names else (names[0] if len(names) == 1 else None)
+        if split is None:
+            raise ValueError(f"dataset has splits {names}; pass split=")
+    if split not in names:
+        raise ValueError(f"dataset has no split {split!r} (splits: {names})")
+    return data[split]

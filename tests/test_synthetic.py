@@ -1,0 +1,187 @@
+"""Synthetic tasks: determinism, shuffled options, ground-truth boxes, toy family, speed."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepeyes_envs.images import LazyImage
+from deepeyes_envs.synthetic import (
+    COLORS,
+    TOY_COLORS,
+    SyntheticImage,
+    SyntheticTaskSource,
+    ToyConfig,
+    VisualSearchConfig,
+    toy_task,
+    visual_search_task,
+)
+from deepeyes_envs.tasks import TaskSource, option_letter
+
+SMALL = VisualSearchConfig(width=480, height=320)
+
+
+def _box_slice(image: np.ndarray, box) -> np.ndarray:
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return image[y1:y2, x1:x2]
+
+
+def _colour_fraction(pixels: np.ndarray, rgb) -> float:
+    return float(np.all(pixels == np.asarray(rgb, dtype=np.uint8), axis=-1).mean())
+
+
+def test_same_seed_gives_identical_tasks_and_pixels():
+    a, b = SyntheticTaskSource(6, seed=3), SyntheticTaskSource(6, seed=3)
+    for i in (0, 5):
+        ta, tb = a[i], b[i]
+        assert (ta.question, ta.answer, ta.options, ta.gt_boxes) == (tb.question, tb.answer, tb.options, tb.gt_boxes)
+        assert np.array_equal(ta.load_images()[0], tb.load_images()[0])
+        assert ta.images[0].to_bytes() == tb.images[0].to_bytes()
+    other = SyntheticTaskSource(6, seed=4)[0]
+    assert not np.array_equal(other.load_images()[0], a[0].load_images()[0])
+
+
+def test_task_depends_on_index_not_on_access_order():
+    src = SyntheticTaskSource(20, seed=1, config=SMALL)
+    late_first = src[17]
+    _ = [src[i] for i in range(17)]
+    assert src[17].question == late_first.question and src[17].gt_boxes == late_first.gt_boxes
+
+
+def test_images_are_lazy_and_rendered_on_load():
+    task = visual_search_task(0, 0)
+    image = task.images[0]
+    assert isinstance(image, LazyImage) and isinstance(image, SyntheticImage)
+    assert image.size == (1920, 1080)
+    assert len(pickle.dumps(task)) < 20_000  # the layout, not 6 MB of pixels
+    array = task.load_images()[0]
+    assert array.shape == (1080, 1920, 3) and array.dtype == np.uint8
+    decoded = np.asarray(Image.open(io.BytesIO(image.to_bytes())).convert("RGB"))
+    assert np.array_equal(decoded, array)
+
+
+def test_options_are_shuffled_and_answer_letter_points_at_answer_text():
+    letters = []
+    for i in range(40):
+        task = visual_search_task(11, i, SMALL)
+        idx = ord(task.answer) - ord("A")
+        assert task.options[idx] == task.extra["answer_text"]
+        for k, opt in enumerate(task.options):
+            assert f"({option_letter(k)}) {opt}" in task.question
+        if task.extra["kind"] == "attribute":
+            assert len(task.options) == 4 and len(set(task.options)) == 4
+            letters.append(task.answer)
+    assert len(set(letters)) >= 3, f"answer letters not shuffled: {letters}"
+
+
+def test_attribute_box_crop_contains_the_target_colour():
+    cfg = VisualSearchConfig(width=640, height=400, kinds=("attribute",))
+    for i in range(8):
+        task = visual_search_task(5, i, cfg)
+        crop = _box_slice(task.load_images()[0], task.gt_boxes[0])
+        colour = COLORS[task.extra["answer_text"]]
+        assert _colour_fraction(crop, colour) > 0.1, task.question
+        assert task.extra["targets"][0]["kind"] in task.question
+
+
+def test_position_answer_matches_box_geometry_and_boxes_hold_their_targets():
+    cfg = VisualSearchConfig(width=800, height=450, kinds=("position",))
+    for i in range(8):
+        task = visual_search_task(2, i, cfg)
+        (a, b), image = task.gt_boxes, task.load_images()[0]
+        expected = "left" if (a[0] + a[2]) < (b[0] + b[2]) else "right"
+        assert task.extra["answer_text"] == expected
+        assert abs((a[0] + a[2]) - (b[0] + b[2])) / 2 >= 0.1 * cfg.width
+        for box, target in zip(task.gt_boxes, task.extra["targets"], strict=True):
+            assert _colour_fraction(_box_slice(image, box), COLORS[target["color"]]) > 0.1
+
+
+def test_text_questions_ask_for_the_drawn_label():
+    cfg = VisualSearchConfig(width=640, height=400, kinds=("text",))
+    task = visual_search_task(9, 0, cfg)
+    label = task.extra["targets"][0]["label"]
+    assert task.extra["answer_text"] == label and label in task.options
+    unlabelled = visual_search_task(9, 0, VisualSearchConfig(width=640, height=400, kinds=("text",), labels=False))
+    assert unlabelled.gt_boxes == task.gt_boxes
+    with_label, without = task.load_images()[0], unlabelled.load_images()[0]
+    changed = np.any(with_label != without, axis=-1)
+    ys, xs = np.nonzero(changed)
+    x1, y1, x2, y2 = task.gt_boxes[0]
+    assert len(xs) > 0 and x1 - 4 <= xs.min() and xs.max() < x2 + 4 and y1 - 4 <= ys.min() and ys.max() < y2 + 4
+
+
+def test_4k_images_are_supported():
+    task = SyntheticTaskSource(1, seed=0, width=3840, height=2160)[0]
+    assert task.load_images()[0].shape == (2160, 3840, 3)
+    assert all(0 <= b[0] < b[2] <= 3840 and 0 <= b[1] < b[3] <= 2160 for b in task.gt_boxes)
+
+
+def test_1080p_task_generates_quickly():
+    times = []
+    for i in range(3):
+        start = time.perf_counter()
+        visual_search_task(0, i).load_images()
+        times.append(time.perf_counter() - start)
+    assert sorted(times)[1] < 0.25, times  # about 20 ms on one core; generous for shared CI
+
+
+def test_toy_colour_task_is_rule_judgeable_and_difficulty_shrinks_the_target():
+    easy = toy_task(0, 0, ToyConfig(n_colors=2))
+    assert easy.answer in TOY_COLORS[:2] and "red or green" in easy.question
+    crop = _box_slice(easy.load_images()[0], easy.gt_boxes[0])
+    assert _colour_fraction(crop, COLORS[easy.answer]) == 1.0
+    hard = toy_task(0, 0, ToyConfig(difficulty=1.0))
+    side = hard.gt_boxes[0][2] - hard.gt_boxes[0][0]
+    assert side == ToyConfig().min_target < easy.gt_boxes[0][2] - easy.gt_boxes[0][0]
+    answers = {toy_task(1, i).answer for i in range(30)}
+    assert answers == set(TOY_COLORS)
+
+
+def test_toy_zoom_task_needs_the_frame_crop():
+    cfg = ToyConfig(kind="zoom")
+    for i in range(4):
+        task = toy_task(4, i, cfg)
+        image = task.load_images()[0]
+        assert image.shape == (224, 224, 3)
+        frame = task.gt_boxes[0]
+        assert min(frame[2] - frame[0], frame[3] - frame[1]) > 30  # a valid DeepEyes zoom box
+        crop = _box_slice(image, frame)
+        counts = {name: int(np.all(crop == np.asarray(COLORS[name], np.uint8), axis=-1).sum()) for name in cfg.colors}
+        # Every candidate colour is in the frame with the same pixel mass (the plus and the x marks),
+        # so a shrunken view carries no hint of the answer.
+        assert len(set(counts.values())) == 1 and counts[task.answer] > 0, counts
+        target = _box_slice(image, task.extra["target_box"])
+        side = target.shape[0]
+        mask = np.all(target == np.asarray(COLORS[task.answer], np.uint8), axis=-1)
+        assert mask[side // 2].all() and mask[:, side // 2].all()  # a plus: full middle row and column
+        small = np.asarray(Image.fromarray(image).resize((56, 56), Image.Resampling.BOX))
+        assert not np.any(np.all(small == np.asarray(COLORS[task.answer], np.uint8), axis=-1))
+    sides = [toy_task(0, 0, ToyConfig(kind="zoom", difficulty=d)).extra["target_box"] for d in (0.0, 1.0)]
+    assert [b[2] - b[0] for b in sides] == [9, 5]
+
+
+def test_synthetic_source_is_a_task_source_and_samples_reproducibly():
+    src = SyntheticTaskSource(50, seed=0, kind="toy")
+    assert isinstance(src, TaskSource) and len(src) == 50
+    a = [src.sample(np.random.default_rng(7)).task_id for _ in range(3)]
+    b = [src.sample(np.random.default_rng(7)).task_id for _ in range(3)]
+    assert a == b
+    assert pickle.loads(pickle.dumps(src))[3].question == src[3].question
+    with pytest.raises(IndexError):
+        src[50]
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError):
+        SyntheticTaskSource(1, kind="nope")
+    with pytest.raises(ValueError):
+        VisualSearchConfig(kinds=("colour",))
+    with pytest.raises(ValueError):
+        ToyConfig(difficulty=2.0)
+    with pytest.raises(TypeError):
+        SyntheticTaskSource(1, not_a_field=3)
