@@ -1,0 +1,256 @@
+"""V* Bench, HR-Bench and the synthetic mini benchmark as task lists, with reproducibly shuffled options.
+
+Layouts read (docs/evaluation.md shows them):
+
+* **V* Bench** (``vstar:DIR``): ``DIR/direct_attributes/`` and ``DIR/relative_position/``, each holding
+  image files and, beside each image, a JSON file of the same stem with ``question`` and ``options``;
+  the public release lists the correct option first, so ``answer`` is optional (a letter or the option's
+  text; default: the first option). ``bbox`` (``[x, y, w, h]`` boxes, as released) or ``gt_boxes``
+  (``[x1, y1, x2, y2]``) give the target boxes for grounding IoU; ``image`` may name the image file.
+* **HR-Bench** (``hrbench:FILE``): the released ``.tsv`` (or a ``.parquet`` with the same columns):
+  ``index``, ``question``, option columns ``A``..``D``, ``answer`` (a letter), ``category`` (``single`` or
+  ``cross``) and ``image`` (base64-encoded image bytes; an ``image_path`` column works too). The name comes
+  from the file (``hr_bench_4k.tsv`` -> ``hrbench_4k``).
+* **synthetic** (``synthetic`` or ``synthetic:N``): ``N`` seeded V*-like tasks from
+  :mod:`deepeyes_envs.synthetic`, categories ``attribute`` and ``position``; needs no files.
+
+Options are shuffled per sample with a generator seeded by (seed, sample id), and the answer letter is
+remapped, because DeepEyes's unshuffled order ("A" always right) inflated scores by about 5 points.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from deepeyes_envs.images import LazyImage
+from deepeyes_envs.tasks import Task, TaskError, format_multiple_choice, option_letter
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
+HRBENCH_CATEGORIES = ("single", "cross")
+_OPTION_LINE = re.compile(r"\n\([A-Z]\) ")
+
+
+@dataclass
+class Benchmark:
+    """A named list of tasks; ``overall`` says how the headline number is formed: ``"micro"`` (mean over
+    samples, V*) or ``"category_mean"`` (mean over categories, HR-Bench's single/cross)."""
+
+    name: str
+    kind: str
+    tasks: list[Task]
+    overall: str = "micro"
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def category_of(task: Task) -> str:
+    return str(task.extra.get("category", ""))
+
+
+# ---------------------------------------------------------------------------------------------- options
+def shuffle_options(task: Task, seed: int) -> Task:
+    """The task with its options permuted by (seed, task id), the question re-rendered and the answer
+    letter remapped; the permutation is stored in ``extra["option_order"]`` (original indices)."""
+    if not task.options:
+        return task
+    options = list(task.options)
+    correct = _answer_index(task.answer, options, task.task_id)
+    rng = np.random.default_rng([seed, zlib.crc32(task.task_id.encode("utf-8"))])
+    order = [int(i) for i in rng.permutation(len(options))]
+    shuffled = [options[i] for i in order]
+    stem = str(task.extra.get("stem") or question_stem(task.question))
+    return dataclasses.replace(
+        task, question=format_multiple_choice(stem, shuffled), answer=option_letter(order.index(correct)),
+        options=tuple(shuffled), extra={**task.extra, "stem": stem, "option_order": order,
+                                        "answer_text": options[correct]})
+
+
+def question_stem(question: str) -> str:
+    """A multiple-choice question's text before its ``(A) ...`` option lines."""
+    match = _OPTION_LINE.search(question)
+    return question[: match.start()].rstrip() if match else question
+
+
+def _answer_index(answer: str, options: Sequence[str], where: str) -> int:
+    text = answer.strip()
+    letter = text.strip("()").rstrip(".")
+    if len(letter) == 1 and letter.isalpha() and 0 <= ord(letter.upper()) - ord("A") < len(options):
+        return ord(letter.upper()) - ord("A")
+    for i, opt in enumerate(options):
+        if opt.strip().lower() == text.lower():
+            return i
+    raise TaskError(f"{where}: answer {answer!r} is neither an option letter nor an option's text")
+
+
+def mc_task(task_id: str, stem: str, options: Sequence[str], answer_index: int, images: tuple, *,
+            category: str, data_source: str, gt_boxes: tuple = (), env_name: str = "visual_toolbox_v2") -> Task:
+    """A multiple-choice benchmark task in the original option order (shuffled later)."""
+    options = tuple(str(o) for o in options)
+    return Task(question=format_multiple_choice(stem, options), answer=option_letter(answer_index), images=images,
+                data_source=data_source, env_name=env_name, task_id=task_id, options=options, gt_boxes=gt_boxes,
+                extra={"category": category, "stem": stem})
+
+
+# ---------------------------------------------------------------------------------------------- V* Bench
+def load_vstar(root: str | os.PathLike, *, env_name: str = "visual_toolbox_v2") -> list[Task]:
+    """V* Bench from its released folder layout (see the module docstring), sorted by category and file."""
+    root = Path(root)
+    tasks = []
+    found = [c for c in VSTAR_CATEGORIES if (root / c).is_dir()]
+    if not found:
+        raise FileNotFoundError(f"{root}: no {' or '.join(VSTAR_CATEGORIES)} folder (is this V* Bench?)")
+    for category in found:
+        for ann_path in sorted((root / category).glob("*.json")):
+            tasks.append(_vstar_task(root, category, ann_path, env_name))
+    if not tasks:
+        raise FileNotFoundError(f"{root}: no JSON annotations in {found}")
+    return tasks
+
+
+def _vstar_task(root: Path, category: str, ann_path: Path, env_name: str) -> Task:
+    where = str(ann_path)
+    try:
+        ann = json.loads(ann_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TaskError(f"{where}: cannot read annotation ({exc})") from exc
+    for key in ("question", "options"):
+        if key not in ann:
+            raise TaskError(f"{where}: missing field {key!r}")
+    options = [str(o) for o in ann["options"]]
+    answer = ann.get("answer")
+    correct = 0 if answer is None else _answer_index(str(answer), options, where)
+    image = _vstar_image(root, category, ann_path, ann.get("image"))
+    if "gt_boxes" in ann:
+        boxes = tuple(tuple(float(v) for v in b) for b in ann["gt_boxes"])
+    else:
+        xywh = [[float(v) for v in b] for b in ann.get("bbox", [])]
+        boxes = tuple((x, y, x + w, y + h) for x, y, w, h in xywh)
+    task_id = f"vstar/{category}/{ann_path.stem}"
+    return mc_task(task_id, str(ann["question"]).strip(), options, correct,
+                   (LazyImage(str(image), name=f"{task_id} image"),), category=category, data_source="vstar",
+                   gt_boxes=boxes, env_name=env_name)
+
+
+def _vstar_image(root: Path, category: str, ann_path: Path, named: Optional[str]) -> Path:
+    if named:
+        for candidate in (root / named, root / category / named, ann_path.parent / Path(named).name):
+            if candidate.is_file():
+                return candidate
+        raise TaskError(f"{ann_path}: image {named!r} not found")
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (ann_path.with_suffix(suffix), ann_path.with_suffix(suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    raise TaskError(f"{ann_path}: no image file with the same name ({', '.join(IMAGE_SUFFIXES)})")
+
+
+# ---------------------------------------------------------------------------------------------- HR-Bench
+def load_hrbench(path: str | os.PathLike, *, env_name: str = "visual_toolbox_v2") -> list[Task]:
+    """HR-Bench from its released TSV (or parquet) file; see the module docstring for the columns."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = [c for c in ("question", "answer", "category", "A", "B") if c not in frame.columns]
+    if missing or not ({"image", "image_path"} & set(frame.columns)):
+        raise TaskError(f"{path}: not an HR-Bench file, missing column(s) {missing or ['image']}")
+    letters = [c for c in "ABCDEFGH" if c in frame.columns]
+    name = hrbench_name(path)
+    tasks = []
+    for pos, row in enumerate(frame.to_dict("records")):
+        index = row.get("index", pos)
+        where = f"{path} row {pos} (index {index})"
+        options = [str(row[c]) for c in letters if _present(row[c])]
+        image = _hrbench_image(row, path, where)
+        tasks.append(mc_task(f"{name}/{index}", str(row["question"]).strip(), options,
+                             _answer_index(str(row["answer"]), options, where), (image,),
+                             category=hrbench_category(str(row["category"])), data_source=name, env_name=env_name))
+    return tasks
+
+
+def hrbench_name(path: str | os.PathLike) -> str:
+    """``hr_bench_4k.tsv`` -> ``hrbench_4k``; any other file name -> ``hrbench_<stem>``."""
+    stem = Path(path).stem.lower()
+    match = re.search(r"(\d+k)", stem)
+    return f"hrbench_{match.group(1)}" if match else f"hrbench_{stem}"
+
+
+def hrbench_category(value: str) -> str:
+    """Normalise the category: single-instance (``single``, ``FSP``) or cross-instance (``cross``, ``FCP``)."""
+    v = value.strip().lower()
+    if v.startswith("single") or v == "fsp":
+        return "single"
+    if v.startswith("cross") or v == "fcp":
+        return "cross"
+    return v
+
+
+def _present(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
+
+
+def _hrbench_image(row: dict, path: Path, where: str) -> LazyImage:
+    if _present(row.get("image")):
+        data = row["image"]
+        if isinstance(data, (bytes, bytearray)):
+            return LazyImage(bytes(data), name=f"{where} image")
+        try:
+            return LazyImage(base64.b64decode(str(data)), name=f"{where} image")
+        except ValueError as exc:
+            raise TaskError(f"{where}: image is not valid base64 ({exc})") from exc
+    image_path = Path(str(row["image_path"]))
+    return LazyImage(str(image_path if image_path.is_absolute() else path.parent / image_path), name=f"{where} image")
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+def load_synthetic(n: int = 40, *, seed: int = 20250, width: int = 1920, height: int = 1080,
+                   env_name: str = "visual_toolbox_v2") -> list[Task]:
+    """The offline mini benchmark: ``n`` V*-like tasks (attribute and position questions)."""
+    from deepeyes_envs.synthetic import SyntheticTaskSource
+
+    source = SyntheticTaskSource(n=n, seed=seed, kind="visual_search", width=width, height=height,
+                                 env_name=env_name, data_source="synthetic")
+    out = []
+    for task in source:
+        original = list(task.options)
+        out.append(dataclasses.replace(task, extra={**task.extra, "category": task.extra["kind"],
+                                                    "stem": question_stem(task.question)},
+                                       options=tuple(original)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- specs
+def load_benchmark(spec: str, *, seed: int = 0, shuffle: bool = True, env_name: str = "visual_toolbox_v2",
+                   synthetic_size: tuple[int, int] = (1920, 1080)) -> Benchmark:
+    """``vstar:DIR``, ``hrbench:FILE``, ``synthetic`` or ``synthetic:N`` -> a :class:`Benchmark`."""
+    kind, _, arg = spec.partition(":")
+    if kind == "vstar":
+        bench = Benchmark("vstar", kind, load_vstar(arg, env_name=env_name), "micro", arg)
+    elif kind == "hrbench":
+        bench = Benchmark(hrbench_name(arg), kind, load_hrbench(arg, env_name=env_name), "category_mean", arg)
+    elif kind == "synthetic":
+        n = int(arg) if arg else 40
+        tasks = load_synthetic(n, width=synthetic_size[0], height=synthetic_size[1], env_name=env_name)
+        bench = Benchmark("synthetic", kind, tasks, "micro", f"{n} tasks {synthetic_size[0]}x{synthetic_size[1]}")
+    else:
+        raise ValueError(f"unknown benchmark {spec!r}; use vstar:DIR, hrbench:FILE or synthetic[:N]")
+    if shuffle:
+        bench.tasks = [shuffle_options(t, seed) for t in bench.tasks]
+    return bench

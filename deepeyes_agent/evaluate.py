@@ -1,0 +1,340 @@
+"""Reproducible benchmark evaluation: V* Bench, HR-Bench and the synthetic mini benchmark.
+
+What DeepEyes did, made a command (REFERENCE.md section 6): greedy decoding, up to 11 model calls per
+sample, a stop at ``</tool_call>`` and ``<|im_end|>``, rule matching first and an LLM judge only where the
+rules cannot decide; and what it did not: options shuffled with a fixed seed (``benchmarks.py``),
+resumable runs, every trajectory saved, one report::
+
+    python -m deepeyes_agent.evaluate --policy /models/DeepEyes-7B --benchmark vstar:/data/vstar_bench \
+        --benchmark hrbench:/data/hr_bench_4k.tsv --out runs/deepeyes-7b
+    python -m deepeyes_agent.evaluate --endpoint http://127.0.0.1:8000/v1 --benchmark synthetic:40 --out runs/x
+
+Output directory: ``run.json`` (settings), per benchmark ``<name>/samples.jsonl`` (one line per sample, in
+chunks, the resume log) and ``<name>/trajectories/chunk-NNNNN/`` (saved with
+:mod:`deepeyes_agent.trajectory`), then ``results.json`` (every sample's result with its trajectory
+reference, and the metrics), ``report.md`` and ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from deepeyes_agent.benchmarks import Benchmark, category_of, load_benchmark
+from deepeyes_agent.reporting import ResultsLog, bar_png, histogram_png, md_table, pct
+from deepeyes_agent.rollout.engine import SamplingParams
+from deepeyes_agent.runners import Runner, add_policy_arguments, runner_from_arguments, trajectory_stats
+from deepeyes_agent.trajectory import save_trajectories
+from deepeyes_envs.judges import Judge, JudgeRequest, LLMJudge, Verdict, match_rules, option_letter
+
+# REFERENCE.md section 6: accuracy (%) as published.
+PUBLISHED = {
+    "Qwen2.5-VL-7B": {"vstar": 71.2, "hrbench_4k": 68.8, "hrbench_8k": 65.3},
+    "DeepEyes-7B": {"vstar": 90.1, "hrbench_4k": 75.1, "hrbench_8k": 72.6},
+}
+
+
+# ---------------------------------------------------------------------------------------------- judging
+class EvalJudge(Judge):
+    """Rules first (option letter, ``"X."``, exact text, containment of the correct option's text), then
+    the LLM judge for what the rules leave undecided; with no LLM, undecided answers score 0.
+
+    Containment is checked against the correct option's *text* as well as its letter, so "it is red" is
+    right when "red" is the answer's option, and an answer naming two options' texts is not.
+    """
+
+    name = "eval"
+
+    def __init__(self, llm: Optional[Judge] = None):
+        self.llm = llm
+
+    def _rules(self, request: JudgeRequest) -> Optional[Verdict]:
+        match = match_rules(request, containment=True)
+        if match.correct or match.certain:
+            return Verdict(float(match.correct), "rule", raw=match.rule)
+        letter = option_letter(request.ground_truth, request.options)
+        if letter and request.options:
+            text = request.options[ord(letter) - ord("A")]
+            by_text = match_rules(dataclasses.replace(request, ground_truth=text), containment=True)
+            if by_text.correct:
+                return Verdict(1.0, "rule", raw=f"option text {by_text.rule}")
+        return None
+
+    def judge(self, request: JudgeRequest) -> Verdict:
+        return self.judge_batch([request])[0]
+
+    def judge_batch(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        verdicts = [self._rules(r) for r in requests]
+        undecided = [i for i, v in enumerate(verdicts) if v is None]
+        if undecided and self.llm is not None:
+            for i, v in zip(undecided, self.llm.judge_batch([requests[i] for i in undecided]), strict=True):
+                verdicts[i] = v
+        return [v if v is not None else Verdict(0.0, "rule", raw="none") for v in verdicts]
+
+    def __repr__(self) -> str:
+        return f"EvalJudge(llm={self.llm!r})"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class EvalConfig:
+    """How samples are played. All of it goes into the resume check."""
+
+    k: int = 1
+    temperature: float = 0.0
+    max_turns: int = 11
+    max_tokens: int = 1024
+    seed: int = 0
+    shuffle: bool = True
+    env: str = "visual_toolbox_v2"
+    batch_size: int = 8
+    judge: str = "rule"  # "rule" or "llm"
+    judge_url: Optional[str] = None
+    judge_model: Optional[str] = None
+    synthetic_size: tuple[int, int] = (1920, 1080)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
+
+    def make_judge(self) -> EvalJudge:
+        if self.judge == "rule":
+            return EvalJudge()
+        return EvalJudge(LLMJudge(base_url=self.judge_url, model=self.judge_model, on_failure="fallback"))
+
+
+# ---------------------------------------------------------------------------------------------- running
+def evaluate_benchmark(bench: Benchmark, runner: Runner, config: EvalConfig, out_dir: Path, *,
+                       limit: Optional[int] = None, progress: bool = True, settings: Mapping[str, Any]
+                       ) -> list[dict[str, Any]]:
+    """Play (resuming) one benchmark in fixed chunks and return its sample records in task order."""
+    bench_dir = out_dir / bench.name
+    log = ResultsLog(bench_dir / "samples.jsonl", {**settings, "benchmark": bench.name, "source": bench.source,
+                                                   "samples": len(bench)})
+    tasks = bench.tasks[:limit] if limit is not None else bench.tasks
+    size = config.batch_size
+    done = {int(r["chunk_done"]) for r in log.records if "chunk_done" in r}
+    chunks = [c for c in range(-(-len(tasks) // size)) if c not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), initial=min(len(tasks), len(done) * size), unit="sample", desc=bench.name,
+                   file=sys.stderr)
+    judge = config.make_judge()
+    try:
+        for c in chunks:
+            chunk_tasks = tasks[c * size:(c + 1) * size]
+            trajs = runner.play(chunk_tasks, n_per_task=config.k, sampling=config.sampling(), env_id=config.env,
+                                env_kwargs={"max_turns": config.max_turns}, judge=judge,
+                                seed=(config.seed * 1_000_003 + c) % 2**31)
+            rel = f"{bench.name}/trajectories/chunk-{c:05d}"
+            save_trajectories(trajs, out_dir / rel)
+            groups = trajs.groups()
+            records = [_sample_record(bench, task, groups[g], c, rel) for g, task in enumerate(chunk_tasks)]
+            log.append([*records, {"chunk_done": c}])
+            if bar is not None:
+                bar.update(len(chunk_tasks))
+    finally:
+        if bar is not None:
+            bar.close()
+    finished = {int(r["chunk_done"]) for r in log.records if "chunk_done" in r}
+    records = [r for r in log.records if "task_id" in r and r["chunk"] in finished]
+    order = {t.task_id: i for i, t in enumerate(tasks)}
+    return sorted((r for r in records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
+
+
+def _sample_record(bench: Benchmark, task: Any, trajs: Sequence[Any], chunk: int, rel: str) -> dict[str, Any]:
+    runs = []
+    for traj in trajs:
+        stats = trajectory_stats(traj)
+        stats["trajectory"] = {"dir": rel, "uid": traj.uid}
+        runs.append(stats)
+    accs = [r["acc"] for r in runs]
+    return {"benchmark": bench.name, "task_id": task.task_id, "category": category_of(task), "chunk": chunk,
+            "question": task.question, "options": list(task.options or []), "answer": task.answer,
+            "answer_text": task.extra.get("answer_text"), "gt_boxes": [list(b) for b in task.gt_boxes],
+            "acc": float(np.mean(accs)), "pass": float(max(accs)), "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def benchmark_metrics(records: Sequence[Mapping[str, Any]], overall: str, k: int) -> dict[str, Any]:
+    """Per-category and overall accuracy (Avg@k: the mean over the k runs), Pass@k, tool-use numbers."""
+    by_cat: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_cat[r["category"]].append(r)
+    categories = {c: {"n": len(rs), "acc": float(np.mean([r["acc"] for r in rs]))} for c, rs in sorted(by_cat.items())}
+    runs = [run for r in records for run in r["runs"]]
+    ious = [v for run in runs for v in run["ious"]]
+    micro = float(np.mean([r["acc"] for r in records])) if records else None
+    cat_mean = float(np.mean([v["acc"] for v in categories.values()])) if categories else None
+    return {
+        "n": len(records), "k": k, "overall_rule": overall,
+        "overall": micro if overall == "micro" else cat_mean, "micro": micro,
+        "categories": categories,
+        "pass_at_k": float(np.mean([r["pass"] for r in records])) if records else None,
+        "tool_calls_per_sample": float(np.mean([run["tool_calls"] for run in runs])) if runs else None,
+        "invalid_calls_per_sample": float(np.mean([run["invalid_calls"] for run in runs])) if runs else None,
+        "tool_use_rate": float(np.mean([run["tool_calls"] > 0 for run in runs])) if runs else None,
+        "turns_per_sample": float(np.mean([run["turns"] for run in runs])) if runs else None,
+        "mean_iou": float(np.mean(ious)) if ious else None, "n_iou_boxes": len(ious),
+        "end_reasons": dict(sorted(_count(run["end_reason"] for run in runs).items())),
+    }
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for item in items:
+        out[str(item)] += 1
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
+    """The Markdown report, with its plots written to ``out_dir/plots``."""
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    s = results["settings"]
+    policy = s["policy"]
+    k = s["k"]
+    lines = ["# Evaluation report", "",
+             f"- policy: `{policy.get('path') or policy.get('model')}` ({policy.get('kind')}"
+             f"{', engine ' + policy['engine'] if 'engine' in policy else ''}"
+             f"{', ' + policy['base_url'] if 'base_url' in policy else ''})",
+             f"- env `{s['env']}`, up to {s['max_turns']} model calls per sample, temperature {s['temperature']}, "
+             f"max {s['max_tokens']} tokens per call, k = {k}",
+             f"- options shuffled: {'yes, seed ' + str(s['seed']) if s['shuffle'] else 'no (original order)'}; "
+             f"judge: rules first, then {'the LLM judge' if s['judge'] == 'llm' else 'nothing (rule-only)'}",
+             ""]
+    acc_label = f"Avg@{k}" if k > 1 else "accuracy"
+    summary = []
+    for name, bench in results["benchmarks"].items():
+        m = bench["metrics"]
+        summary.append([name, m["n"], pct(m["overall"]), *([pct(m["pass_at_k"])] if k > 1 else []),
+                        m["tool_calls_per_sample"], m["invalid_calls_per_sample"], m["tool_use_rate"], m["mean_iou"]])
+    head = ["benchmark", "samples", f"overall {acc_label} (%)", *([f"Pass@{k} (%)"] if k > 1 else []),
+            "tool calls / sample", "invalid calls / sample", "samples with a tool call", "mean zoom IoU"]
+    lines += ["## Summary", "", md_table(head, summary), "",
+              "Overall: micro average over samples for V* and the synthetic set, mean of the single and cross "
+              "categories for HR-Bench (as published).", ""]
+    for name, bench in results["benchmarks"].items():
+        m = bench["metrics"]
+        rows = [[c, v["n"], pct(v["acc"])] for c, v in m["categories"].items()]
+        rows.append(["**overall**", m["n"], pct(m["overall"])])
+        ends = ", ".join(f"{k_}: {v}" for k_, v in m["end_reasons"].items())
+        lines += [f"## {name}", "", f"Source: `{bench['source']}`", "",
+                  md_table(["category", "samples", f"{acc_label} (%)"], rows), "",
+                  f"Episode endings: {ends}. Zoom boxes with a ground-truth IoU: {m['n_iou_boxes']}.", ""]
+    bars = {name: {c: 100 * v["acc"] for c, v in b["metrics"]["categories"].items()}
+            for name, b in results["benchmarks"].items()}
+    if any(bars.values()):
+        bar_png(plots / "accuracy.png", bars, title=f"{acc_label} per category", ylabel="%")
+        calls = {name: [run["tool_calls"] for r in b["samples"] for run in r["runs"]]
+                 for name, b in results["benchmarks"].items()}
+        top = max([max(v) for v in calls.values() if v] + [1])
+        histogram_png(plots / "tool_calls.png", calls, bins=[i - 0.5 for i in range(top + 2)],
+                      title="Tool calls per episode", xlabel="tool calls", ylabel="episodes")
+        lines += ["## Plots", "", "![accuracy per category](plots/accuracy.png)", "",
+                  "![tool calls per episode](plots/tool_calls.png)", ""]
+    pub = [[model, *[f"{v:.1f}" for v in nums.values()]] for model, nums in PUBLISHED.items()]
+    ours = [results["benchmarks"].get(b, {}).get("metrics", {}).get("overall") for b in ("vstar", "hrbench_4k",
+                                                                                         "hrbench_8k")]
+    if any(v is not None for v in ours):
+        pub.append(["**this run**", *[pct(v) for v in ours]])
+    lines += ["## Published numbers (REFERENCE.md section 6)", "",
+              md_table(["model", "V* (%)", "HR-Bench 4K (%)", "HR-Bench 8K (%)"], pub), "",
+              "DeepEyes reported that an unshuffled option order (the correct option always first) inflated "
+              "scores by about 5 points; this run's order is as stated above.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def run_evaluation(benchmarks: Sequence[Benchmark], runner: Runner, out_dir: str | os.PathLike, *,
+                   config: EvalConfig = EvalConfig(), limit: Optional[int] = None, overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Evaluate (resuming what ``out_dir`` holds), write results.json, report.md and plots; return results."""
+    out = Path(out_dir)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"policy": runner.describe(), **json.loads(json.dumps(dataclasses.asdict(config)))}
+    (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    start = time.perf_counter()
+    results: dict[str, Any] = {"settings": settings, "benchmarks": {}}
+    for bench in benchmarks:
+        records = evaluate_benchmark(bench, runner, config, out, limit=limit, progress=progress, settings=settings)
+        metrics = benchmark_metrics(records, bench.overall, config.k)
+        results["benchmarks"][bench.name] = {"source": bench.source, "metrics": metrics, "samples": records}
+    results["elapsed_s"] = time.perf_counter() - start
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / "results.json")
+    report = evaluation_report(results, out)
+    (out / "report.md").write_text(report + "\n", encoding="utf-8")
+    results["report"] = report
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.evaluate", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_policy_arguments(parser)
+    b = parser.add_argument_group("benchmarks and output")
+    b.add_argument("--benchmark", action="append", required=True,
+                   help="vstar:DIR, hrbench:FILE (.tsv or .parquet) or synthetic[:N]; repeat for several")
+    b.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    b.add_argument("--limit", type=int, help="evaluate only the first N samples of each benchmark")
+    b.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--synthetic-size", default="1920x1080", help="image size of the synthetic benchmark, WxH")
+    e = parser.add_argument_group("evaluation")
+    e.add_argument("--k", type=int, default=1, help="samples per question (Avg@k, Pass@k); use with --temperature")
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    e.add_argument("--max-turns", type=int, default=11, help="model calls per sample (DeepEyes evaluated with 11)")
+    e.add_argument("--max-tokens", type=int, default=1024, help="tokens per model call")
+    e.add_argument("--seed", type=int, default=0, help="option shuffling and sampling seed")
+    e.add_argument("--no-shuffle", action="store_true", help="keep the released option order (inflates scores)")
+    e.add_argument("--env", default="visual_toolbox_v2", help="env the samples are played in")
+    e.add_argument("--batch-size", type=int, default=8, help="samples per chunk (the unit of resuming)")
+    e.add_argument("--judge", choices=("rule", "llm"), default="rule", help="what decides when rules cannot")
+    e.add_argument("--judge-url", help="LLM judge base URL (default $LLM_AS_A_JUDGE_BASE)")
+    e.add_argument("--judge-model")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    width, height = (int(v) for v in args.synthetic_size.lower().split("x"))
+    config = EvalConfig(k=args.k, temperature=args.temperature, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                        seed=args.seed, shuffle=not args.no_shuffle, env=args.env, batch_size=args.batch_size,
+                        judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
+                        synthetic_size=(width, height))
+    benchmarks = [load_benchmark(spec, seed=args.seed, shuffle=config.shuffle, env_name=args.env,
+                                 synthetic_size=(width, height)) for spec in args.benchmark]
+    runner = runner_from_arguments(args)
+    try:
+        results = run_evaluation(benchmarks, runner, args.out, config=config, limit=args.limit,
+                                 overwrite=args.overwrite, progress=not args.no_progress)
+    finally:
+        runner.close()
+    for name, bench in results["benchmarks"].items():
+        m = bench["metrics"]
+        print(f"{name}: overall {pct(m['overall'])}% over {m['n']} samples, "
+              f"{m['tool_calls_per_sample']:.2f} tool calls per sample")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Hybrid agentic/plain batches: exact per-batch ratios, routing by env_name, config construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from deepeyes_envs.datasets import write_deepeyes_parquet
+from deepeyes_envs.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
+from deepeyes_envs.synthetic import SyntheticTaskSource
+from deepeyes_envs.tasks import ListTaskSource
+
+
+def _tasks(n_agentic: int, n_plain: int) -> tuple[list, list]:
+    src = SyntheticTaskSource(n=n_agentic + n_plain, seed=3, kind="toy")
+    agentic = [dataclasses.replace(src[i], task_id=f"a{i}") for i in range(n_agentic)]
+    plain = [dataclasses.replace(src[n_agentic + i], env_name="", task_id=f"p{i}") for i in range(n_plain)]
+    return agentic, plain
+
+
+def test_batches_hold_the_exact_ratio_and_route_each_row_to_its_env():
+    agentic, plain = _tasks(12, 9)
+    source = MixedTaskSource(agentic, plain, agentic_fraction=0.25)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batch = source.batch(rng, 8)
+        kinds = Counter("agentic" if t.env_name else "plain" for t in batch)
+        assert kinds == {"agentic": 2, "plain": 6}
+        assert len({t.task_id for t in batch}) == 8  # no repeats within a batch
+        groups = route(batch)
+        assert sorted(groups) == ["plain", "visual_toolbox_v2"]
+        assert all(not t.env_name for t in groups["plain"]) and len(groups["visual_toolbox_v2"]) == 2
+    # the order inside a batch is shuffled: agentic rows are not always first
+    firsts = {bool(source.batch(rng, 8)[0].env_name) for _ in range(20)}
+    assert firsts == {True, False}
+
+
+def test_fractional_counts_round_both_ways_with_the_exact_expectation():
+    rng = np.random.default_rng(1)
+    counts = [agentic_count(3, 0.5, rng) for _ in range(4000)]
+    assert set(counts) == {1, 2}
+    assert abs(np.mean(counts) - 1.5) < 0.05
+    assert agentic_count(10, 0.3, rng) == 3  # whole numbers are exact
+
+
+def test_same_seed_same_batches_and_epochs_cover_every_row():
+    agentic, plain = _tasks(6, 4)
+    source = MixedTaskSource(agentic, plain, agentic_fraction=0.5)
+    first = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=7), range(6), strict=False)]
+    again = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=7), range(6), strict=False)]
+    other = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=8), range(6), strict=False)]
+    assert first == again and first != other
+    seen = [tid for b in first for tid in b]
+    # 6 batches x 2 agentic = 12 = two agentic epochs: each agentic row exactly twice
+    assert Counter(t for t in seen if t.startswith("a")) == {f"a{i}": 2 for i in range(6)}
+    # plain: 12 draws over 4 rows = three full epochs
+    assert Counter(t for t in seen if t.startswith("p")) == {f"p{i}": 3 for i in range(4)}
+
+
+def test_a_row_on_the_wrong_side_is_an_error_not_a_silent_ratio_change():
+    agentic, plain = _tasks(3, 3)
+    source = MixedTaskSource(agentic, agentic, agentic_fraction=0.5)  # "plain" side holds agentic rows
+    with pytest.raises(ValueError, match="plain rows but has env_name"):
+        source.batch(np.random.default_rng(0), 4)
+    with pytest.raises(ValueError, match="no plain rows"):
+        MixedTaskSource(agentic, [], agentic_fraction=0.5)
+    only_agentic = MixedTaskSource(agentic, [], agentic_fraction=1.0)
+    assert all(t.env_name for t in only_agentic.batch(np.random.default_rng(0), 5))
+    with pytest.raises(ValueError, match="within"):
+        MixedTaskSource(agentic, plain, agentic_fraction=1.5)
+
+
+def test_from_config_splits_one_parquet_file_by_env_name(tmp_path):
+    agentic, plain = _tasks(5, 3)
+    path = tmp_path / "mix.parquet"
+    write_deepeyes_parquet([agentic[0], plain[0], agentic[1], agentic[2], plain[1], agentic[3], plain[2], agentic[4]],
+                           path, row_group_size=3)
+    source = MixedTaskSource.from_config(data=str(path), agentic_fraction=0.75)
+    assert (len(source.agentic), len(source.plain), len(source)) == (5, 3, 8)
+    batch = source.batch(np.random.default_rng(0), 4)
+    assert sum(bool(t.env_name) for t in batch) == 3
+    assert {t.task_id for t in batch if not t.env_name} <= {"p0", "p1", "p2"}
+    same = MixedTaskSource.from_mapping({"agentic_fraction": 0.75, "data": [str(path)]})
+    assert [t.task_id for t in same.batch(np.random.default_rng(0), 4)] == [t.task_id for t in batch]
+    a, p = split_by_env_name(ListTaskSource(agentic + plain))
+    assert [t.task_id for t in p] == ["p0", "p1", "p2"] and len(a) == 5
