@@ -1,0 +1,252 @@
+"""The multi-turn rollout loop: play episodes with tools, all active episodes generating together.
+
+Each turn the loop asks the engine for one assistant turn for every episode still running (one batched
+call), steps each env with the generated text, appends the env's observation to the episode's token
+context, and drops finished episodes from the batch. Rewards are judged at the very end, for every
+episode at once, through ``deepeyes_envs.rewards.score_episodes`` (the judge's concurrent batch API),
+because a judge called per episode is the classic DeepEyes bottleneck.
+
+No Ray and no threads: a plain loop that works the same in a script, a test or a notebook. RLlib's env
+runners call :func:`run_episodes` inside their own process.
+
+Ending rules on top of the env's own (answer, no tool call, cut-off reply, max turns): an observation
+that does not fit the token budget is dropped whole, the env is closed and the trajectory ends with
+``end_reason == "token_budget"`` and ``truncated`` set (REFERENCE.md section 2); its reward is judged
+on what the model's context holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+
+import deepeyes_envs  # noqa: F401 - registers the envs with gymnasium
+from deepeyes_agent.chat import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_TOTAL_TOKENS,
+    EpisodeContext,
+    PromptTooLongError,
+    VisionTokenizer,
+)
+from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
+from deepeyes_agent.trajectory import Trajectory, TrajectoryBatch, Turn
+from deepeyes_envs.judges import JudgeSpec, make_judge
+from deepeyes_envs.registry import env_id_for
+from deepeyes_envs.rewards import EpisodeOutcome, score_episodes
+from deepeyes_envs.tasks import Task
+
+DEFAULT_SAMPLING = SamplingParams(max_tokens=512, temperature=1.0)
+
+
+@dataclasses.dataclass
+class _Episode:
+    """Loop bookkeeping for one running episode."""
+
+    env: gym.Env
+    trajectory: Trajectory
+    context: EpisodeContext | None = None
+    outcome: EpisodeOutcome | None = None
+    done: bool = False
+    own_env: bool = True
+
+
+def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per_task: int = 1,
+                 sampling: SamplingParams = DEFAULT_SAMPLING, env_id: str | None = None,
+                 env_kwargs: Mapping[str, Any] | None = None, judge: JudgeSpec = "rule",
+                 max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+                 max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, seed: int = 0,
+                 progress: bool = False, env_wrapper: Callable[[gym.Env], gym.Env] | None = None) -> TrajectoryBatch:
+    """Play ``n_per_task`` episodes of each task (a GRPO group per task) and return their trajectories.
+
+    Envs are made per episode with ``gym.make(env_id or env_id_for(task), defer_reward=True, **env_kwargs)``
+    and reset with ``seed + episode number`` and the task. Trajectories come back in task order, the
+    group's rollouts together; ``group_id`` is the task's index in ``tasks``. The returned list also
+    carries run-level ``timings`` (reset, generate, env step, judge, total, tokens per second).
+    ``env_wrapper`` wraps each new env (e.g. ``ScriptedActions`` from ``rollout.scripted``).
+    """
+    if n_per_task < 1:
+        raise ValueError(f"n_per_task must be at least 1, got {n_per_task}")
+    kwargs = dict(env_kwargs or {})
+    envs, plan = [], []
+    for group, task in enumerate(tasks):
+        name = env_id or env_id_for(task)
+        for k in range(n_per_task):
+            env = gym.make(name, disable_env_checker=True, **{**kwargs, "defer_reward": True})
+            envs.append(env_wrapper(env) if env_wrapper is not None else env)
+            plan.append((task, group, k, name))
+    return _play(envs, plan, engine, processor, own_envs=True, env_kwargs=kwargs, sampling=sampling, judge=judge,
+                 max_total_tokens=max_total_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed,
+                 progress=progress)
+
+
+def run_env_episodes(envs: Sequence[gym.Env], engine: Engine, processor: Any, *,
+                     tasks: Sequence[Task | None] | None = None, group_ids: Sequence[int] | None = None,
+                     sampling: SamplingParams = DEFAULT_SAMPLING, judge: JudgeSpec = "rule",
+                     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+                     max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, seed: int = 0,
+                     progress: bool = False) -> TrajectoryBatch:
+    """Play one episode in each of the given, already made envs (a "vector" of envs, e.g. an RLlib runner's).
+
+    Each env is reset with ``seed + i`` and, when ``tasks[i]`` is given, that task (else the env draws
+    one from its own task source). Envs made with ``defer_reward=True`` are judged together at the end;
+    others score themselves at their last step and that reward is kept. The envs are not closed.
+    ``group_ids`` default to one group per env.
+    """
+    tasks = list(tasks) if tasks is not None else [None] * len(envs)
+    groups = list(group_ids) if group_ids is not None else list(range(len(envs)))
+    if not len(tasks) == len(groups) == len(envs):
+        raise ValueError(f"{len(envs)} envs, {len(tasks)} tasks and {len(groups)} group ids must match")
+    counts: dict[int, int] = {}
+    plan = []
+    for env, task, group in zip(envs, tasks, groups, strict=True):
+        spec = getattr(env, "spec", None)
+        plan.append((task, group, counts.get(group, 0), spec.id if spec is not None else type(env.unwrapped).__name__))
+        counts[group] = counts.get(group, 0) + 1
+    return _play(list(envs), plan, engine, processor, own_envs=False, env_kwargs={}, sampling=sampling, judge=judge,
+                 max_total_tokens=max_total_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed,
+                 progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, processor: Any, *, own_envs: bool,
+          env_kwargs: dict[str, Any], sampling: SamplingParams, judge: JudgeSpec, max_total_tokens: int,
+          max_prompt_tokens: int | None, seed: int, progress: bool) -> TrajectoryBatch:
+    start = time.perf_counter()
+    vision = VisionTokenizer(processor)
+    timings = {"reset_s": 0.0, "generate_s": 0.0, "env_step_s": 0.0, "judge_s": 0.0}
+    episodes = []
+    for i, (env, (task, group, k, name)) in enumerate(zip(envs, plan, strict=True)):
+        t0 = time.perf_counter()
+        episodes.append(_start(env, task, group, k, name, seed + i, processor, vision, own_envs, env_kwargs,
+                               max_total_tokens, max_prompt_tokens))
+        timings["reset_s"] += time.perf_counter() - t0
+    turn = 0
+    while active := [e for e in episodes if not e.done]:
+        params = _turn_params(sampling, seed, turn)
+        t0 = time.perf_counter()
+        generations = engine.generate([e.context for e in active], params)
+        generate_s = time.perf_counter() - t0
+        timings["generate_s"] += generate_s
+        t0 = time.perf_counter()
+        for episode, generation in zip(active, generations, strict=True):
+            _advance(episode, generation, generate_s, vision)
+            if episode.done:
+                engine.release([episode.context])
+        timings["env_step_s"] += time.perf_counter() - t0
+        turn += 1
+        if progress:
+            tokens = sum(len(g.token_ids) for g in generations)
+            print(f"turn {turn}: {len(active)} episodes, {tokens} tokens in {generate_s:.2f} s, "
+                  f"{len(active) - sum(e.done for e in active)} continue", file=sys.stderr)
+    t0 = time.perf_counter()
+    _judge(episodes, judge)
+    timings["judge_s"] = time.perf_counter() - t0
+    for episode in episodes:
+        if episode.own_env:
+            episode.env.close()
+        episode.trajectory.timings["judge_s"] = timings["judge_s"]
+    timings["turns"] = float(turn)
+    timings["total_s"] = time.perf_counter() - start
+    generated = sum(e.trajectory.n_generated_tokens for e in episodes)
+    timings["generated_tokens"] = float(generated)
+    timings["generate_tokens_per_s"] = generated / timings["generate_s"] if timings["generate_s"] else 0.0
+    return TrajectoryBatch([e.trajectory for e in episodes], timings)
+
+
+def _turn_params(sampling: SamplingParams, seed: int, turn: int) -> SamplingParams:
+    """Per-turn sampling seed derived from the run seed, so a run is reproducible turn by turn."""
+    base = sampling.seed if sampling.seed is not None else seed
+    return dataclasses.replace(sampling, seed=base * 1009 + turn)
+
+
+def _start(env: gym.Env, task: Task | None, group: int, k: int, name: str, reset_seed: int, processor: Any,
+           vision: VisionTokenizer, own_env: bool, env_kwargs: dict[str, Any], max_total_tokens: int,
+           max_prompt_tokens: int | None) -> _Episode:
+    """Reset the env and open the episode's token context; a prompt over budget ends it at once."""
+    t0 = time.perf_counter()
+    obs, _ = env.reset(seed=reset_seed, options={"task": task} if task is not None else None)
+    raw = env.unwrapped
+    task = getattr(raw, "task", task)
+    trajectory = Trajectory(task_id=task.task_id if task is not None else "", group_id=group, env_id=name,
+                            prompt=tuple(obs["messages"]), episode_index=k, seed=reset_seed,
+                            max_total_tokens=max_total_tokens, task=task,
+                            task_images=list(getattr(raw, "images", [])), env_kwargs=env_kwargs)
+    episode = _Episode(env=env, trajectory=trajectory, own_env=own_env)
+    try:
+        episode.context = EpisodeContext(processor, obs["messages"], max_total_tokens=max_total_tokens,
+                                         max_prompt_tokens=max_prompt_tokens, vision=vision)
+    except PromptTooLongError as exc:
+        trajectory.end_reason, trajectory.truncated, episode.done = "prompt_too_long", True, True
+        trajectory.info["error"] = str(exc)
+        trajectory.reward_parts = {"score": 0.0, "acc": 0.0}
+    _sync(episode)
+    trajectory.timings["reset_s"] = time.perf_counter() - t0
+    return episode
+
+
+def _advance(episode: _Episode, generation: Generation, generate_s: float, vision: VisionTokenizer) -> None:
+    """Append the generated turn, step the env with it, and append (or drop) its observation."""
+    ctx, trajectory = episode.context, episode.trajectory
+    ctx.append_generated(generation.token_ids, generation.logprobs)
+    text = generation.text or vision.decode(generation.token_ids)
+    turn = Turn(text=text, token_ids=list(generation.token_ids), logprobs=list(generation.logprobs),
+                finish_reason=generation.finish_reason, generate_s=generate_s,
+                token_texts=[vision.decode([t]) for t in generation.token_ids], metrics=dict(generation.metrics))
+    trajectory.turns.append(turn)
+    t0 = time.perf_counter()
+    action = {"text": text, "finish_reason": generation.finish_reason}
+    obs, reward, terminated, truncated, info = episode.env.step(action)
+    turn.env_s = time.perf_counter() - t0
+    turn.tool_calls = [{k: v for k, v in call.items() if k != "traceback"} for call in info.get("tool_calls", [])]
+    turn.error = info.get("error")
+    turn.observation = tuple(obs["messages"])
+    turn.scripted_action = info.get("scripted_action")
+    if terminated or truncated:
+        _finish(episode, info.get("end_reason", ""), terminated, truncated, info, reward)
+    elif not ctx.append_observation(obs["messages"]):
+        turn.observation_dropped = True
+        _finish(episode, "token_budget", False, True, info, 0.0)
+        episode.outcome = EpisodeOutcome(response_text=ctx.decode(ctx.token_ids[ctx.prompt_length:]),
+                                         task=trajectory.task,
+                                         n_image_observations=len(ctx.images) - trajectory.n_prompt_images)
+        episode.env.close()
+    _sync(episode)
+    trajectory.timings["generate_s"] = trajectory.timings.get("generate_s", 0.0) + generate_s
+    trajectory.timings["env_s"] = trajectory.timings.get("env_s", 0.0) + turn.env_s
+
+
+def _finish(episode: _Episode, end_reason: str, terminated: bool, truncated: bool, info: dict[str, Any],
+            reward: float) -> None:
+    trajectory = episode.trajectory
+    episode.done = True
+    trajectory.end_reason, trajectory.terminated, trajectory.truncated = end_reason, terminated, truncated
+    trajectory.info["episode"] = info.get("episode", {})
+    episode.outcome = info.get("outcome")
+    if episode.outcome is None:  # the env scored itself (made without defer_reward)
+        trajectory.reward = float(reward)
+        trajectory.reward_parts = dict(info.get("reward_parts") or {"score": float(reward)})
+
+
+def _sync(episode: _Episode) -> None:
+    """Mirror the context and the env's zoom boxes into the trajectory (the same list objects)."""
+    trajectory, ctx = episode.trajectory, episode.context
+    trajectory.context = ctx
+    if ctx is not None:
+        trajectory.token_ids, trajectory.loss_mask, trajectory.logprobs = ctx.token_ids, ctx.loss_mask, ctx.logprobs
+        trajectory.images, trajectory.image_grid_thw = ctx.images, ctx.image_grid_thw
+    trajectory.zoom_boxes = [list(b) for b in getattr(episode.env.unwrapped, "zoom_boxes", [])]
+
+
+def _judge(episodes: Iterable[_Episode], judge: JudgeSpec) -> None:
+    """Score every episode that has an outcome in one batch (the judge runs its requests concurrently)."""
+    pending = [e for e in episodes if e.outcome is not None]
+    if not pending:
+        return
+    for episode, parts in zip(pending, score_episodes([e.outcome for e in pending], make_judge(judge)), strict=True):
+        episode.trajectory.reward = float(parts.score)
+        episode.trajectory.reward_parts = parts.as_dict()

@@ -1,0 +1,73 @@
+"""Drive an env with scripted turns while the policy still samples: multi-turn rollouts from any model.
+
+A randomly initialised model (the tiny test model) never writes a valid ``<tool_call>``, so its episodes
+end after one turn and nothing multi-turn gets exercised: KV-cache reuse across turns, new images
+mid-episode, truncation on the token budget. :class:`ScriptedActions` wraps an env so that ``step``
+plays the script's turn instead of the model's text (the model's tokens, logprobs and text are still
+recorded by the rollout loop, untouched). The env therefore answers with real zoom crops of different
+sizes, and the episode lasts as long as the script. Tests, the debugging notebook and the rollout
+benchmark use it; its trajectories are honest about it (``info["scripted_action"]`` on each step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+
+from deepeyes_envs.images import box_to_seen
+from deepeyes_envs.scripted import answer_turn, zoom_turn
+
+# Zoom boxes as fractions of the original image: three crops of clearly different sizes and shapes.
+DEFAULT_ZOOMS = ((0.0, 0.0, 0.75, 0.75), (0.25, 0.4, 1.0, 0.7), (0.5, 0.1, 0.8, 0.9))
+
+Script = Sequence[str] | Callable[[Any], Sequence[str]]
+
+
+def zoom_script(env: Any, zooms: Sequence[tuple[float, float, float, float]] = DEFAULT_ZOOMS,
+                answer: str | None = None) -> list[str]:
+    """Zoom turns on fractional boxes of the env's first image (in the frame the env reads), then an
+    answer turn (the task's ground truth unless ``answer`` is given)."""
+    raw = env.unwrapped
+    height, width = raw.images[0].shape[:2]
+    turns = []
+    for fx1, fy1, fx2, fy2 in zooms:
+        box = (fx1 * width, fy1 * height, fx2 * width, fy2 * height)
+        if raw.coordinate_frame == "seen":
+            box = box_to_seen(box, raw.seen_sizes[0], (width, height))
+        turns.append(zoom_turn(box))
+    turns.append(answer_turn(raw.task.answer if answer is None else answer))
+    return turns
+
+
+class ScriptedActions(gym.Wrapper):
+    """Step the wrapped env with scripted turn texts instead of the agent's; past the script, the agent's
+    own action goes through. ``script`` is a list of turn texts or a function of the (reset) env."""
+
+    def __init__(self, env: gym.Env, script: Script = zoom_script) -> None:
+        super().__init__(env)
+        self.script = script
+        self._turns: list[str] = []
+        self._turn = 0
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        self._turns = list(self.script(self.env) if callable(self.script) else self.script)
+        self._turn = 0
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        scripted = self._turns[self._turn] if self._turn < len(self._turns) else None
+        self._turn += 1
+        if scripted is not None:
+            action = {"text": scripted, "finish_reason": "stop"}
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["scripted_action"] = scripted
+        return obs, reward, terminated, truncated, info
+
+
+def scripted_env(env_id: str = "visual_toolbox_v2", script: Script = zoom_script, **kwargs: Any) -> ScriptedActions:
+    """``gym.make(env_id, defer_reward=True, **kwargs)`` wrapped in :class:`ScriptedActions`."""
+    kwargs.setdefault("defer_reward", True)
+    return ScriptedActions(gym.make(env_id, disable_env_checker=True, **kwargs), script)
