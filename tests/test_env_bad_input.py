@@ -10,12 +10,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from PIL import Image
+from test_env_v2 import gradient_image
 
 import deepeyes_envs  # noqa: F401
 from deepeyes_envs.images import ImageError
 from deepeyes_envs.tasks import Task
-
-from test_env_v2 import gradient_image
 
 
 def zoom_args(arguments):

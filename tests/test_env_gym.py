@@ -9,12 +9,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from test_env_v2 import gradient_image
 
 import deepeyes_envs
 from deepeyes_envs.registry import env_id_for, load_registry_file
 from deepeyes_envs.tasks import Task
-
-from test_env_v2 import gradient_image
 
 ENVS = ["visual_toolbox_v2", "visual_toolbox", "plain"]
 

@@ -5,12 +5,11 @@ import json
 import gymnasium as gym
 import numpy as np
 import pytest
+from test_env_v2 import gradient_image
 
 import deepeyes_envs  # noqa: F401
 from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import message_images, render_qwen
-
-from test_env_v2 import gradient_image
 
 
 def call(name="image_zoom_in_tool", **arguments):

@@ -1,8 +1,9 @@
 """Tools the envs can offer. Importing this package registers the built-in ones."""
 
 from .base import Tool, ToolContext, ToolError, ToolResult, make_tool, register_tool, registered_tools
+from .contrast import ContrastTool
 from .rotate import RotateTool
 from .zoom import ZoomInTool
 
 __all__ = ["Tool", "ToolContext", "ToolError", "ToolResult", "make_tool", "register_tool", "registered_tools",
-           "RotateTool", "ZoomInTool"]
+           "ContrastTool", "RotateTool", "ZoomInTool"]
