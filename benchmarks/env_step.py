@@ -11,7 +11,7 @@ Targets: step / floor <= 1.5 and (b) / step >= 5. The env's crop is a read-only 
 
 Section 2 writes N synthetic 4K tasks to a DeepEyes parquet file, then, in a fresh subprocess,
 resets an env on every task in order (plus one zoom step each) and reports the peak RSS of that
-process (``ru_maxrss``). Target: under 1.5 GB for 2,000 tasks. The parquet file is cached (it takes
+process (``VmHWM``). Target: under 1.5 GB for 2,000 tasks. The parquet file is cached (it takes
 minutes to render and encode 2,000 4K images); ``--quick`` uses a few tasks in a temporary folder.
 
     python benchmarks/env_step.py            # full run (about 2k resets of 4K images)
@@ -199,13 +199,16 @@ def build_parquet(path: Path, n: int, width: int, height: int, jobs: int) -> flo
 
 
 RSS_CHILD = """
-import resource, sys, time
+import sys, time
 import gymnasium as gym
 import deepeyes_envs
 from deepeyes_envs.datasets import load_deepeyes_parquet
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec,
+    # so a child of a large process would report the parent's peak.
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 source = load_deepeyes_parquet(sys.argv[1])
 env = gym.make("visual_toolbox_v2", task_source=source)

@@ -11,7 +11,7 @@ import pytest
 # Runs in a fresh interpreter so its peak RSS is this workload's alone, not the test session's.
 SCRIPT = textwrap.dedent(
     """
-    import resource, sys, time
+    import sys, time
     import numpy as np
     from deepeyes_envs.datasets import load_deepeyes_parquet, write_deepeyes_parquet
     from deepeyes_envs.images import LazyImage
@@ -41,7 +41,9 @@ SCRIPT = textwrap.dedent(
             assert image.shape == (2160, 3840, 3)
             checksum += int(image[::512, ::512].sum())
             decoded += 1
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM of this process alone: getrusage's ru_maxrss would carry over the pytest parent's peak.
+    with open("/proc/self/status") as fh:
+        peak_mb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
     print(f"rows={n} decoded={decoded} peak_rss_mb={peak_mb:.0f} seconds={time.perf_counter() - start:.1f}")
     """
 )
