@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from deepeyes_envs.messages import Message, message
-from deepeyes_envs.render import draw_boxes, image_data_uri
+from deepeyes_envs.render import image_tag
 from deepeyes_envs.tasks import Task
 
 if TYPE_CHECKING:
@@ -503,12 +503,6 @@ def logprob_colour(logprob: float) -> str:
     return f"#{min(255, red + 20):02x}{green:02x}{blue:02x}" if certainty < 1 else "#c8f0c8"
 
 
-def _img_tag(image: np.ndarray, title: str = "") -> str:
-    h, w = image.shape[:2]
-    label = html.escape(title or f"{w}x{h} px")
-    return f"<img src='{image_data_uri(image)}' title='{label}'/><div class='lbl'>{label}</div>"
-
-
 def _messages_html(messages: Sequence[Message]) -> str:
     out = []
     for msg in messages:
@@ -517,7 +511,7 @@ def _messages_html(messages: Sequence[Message]) -> str:
             if part["type"] == "text":
                 out.append(f"<span class='masked'>{html.escape(part['text'])}</span>")
             else:
-                out.append(_img_tag(part["image"]))
+                out.append(image_tag(part["image"]))
     return "".join(out)
 
 
@@ -569,8 +563,8 @@ def trajectory_html(traj: Trajectory) -> str:
         rows.append(f"<div>Q: {html.escape(traj.question)}<br>ground truth: <code>{html.escape(traj.ground_truth)}"
                     f"</code> · answer: <code>{html.escape(traj.answer)}</code></div>")
     if traj.task_images:
-        rows.append(_img_tag(draw_boxes(traj.task_images[0], traj.zoom_boxes, traj.gt_boxes),
-                             "first image · zoom boxes in turn colours · ground truth in green"))
+        rows.append(image_tag(traj.task_images[0], "first image · zoom boxes in turn colours · ground truth in green",
+                              traj.zoom_boxes, traj.gt_boxes))
     rows.append(f"<details><summary class='lbl'>prompt (loss mask 0)</summary>{_messages_html(traj.prompt)}</details>")
     for i, turn in enumerate(traj.turns):
         rows.append(f"<div class='turn'><div class='lbl'>turn {i + 1} · generated {len(turn.token_ids)} tokens "

@@ -17,32 +17,52 @@ from .tasks import Box, Task
 ZOOM_COLOURS = ((230, 60, 60), (250, 160, 20), (60, 120, 240), (170, 60, 220), (20, 170, 170))
 GT_COLOUR = (40, 200, 60)
 THUMBNAIL_SIDE = 512
+MIN_DISPLAY_SIDE = 160  # crops smaller than this are shown enlarged
 
 
-def draw_boxes(image: np.ndarray, zoom_boxes: Sequence[Box], gt_boxes: Sequence[Box] = ()) -> np.ndarray:
-    """A copy of ``image`` with ground-truth boxes in green and zoom boxes in turn colours."""
+def draw_boxes(image: np.ndarray, zoom_boxes: Sequence[Box], gt_boxes: Sequence[Box] = (),
+               scale: float = 1.0) -> np.ndarray:
+    """A copy of ``image`` with ground-truth boxes in green and zoom boxes in turn colours.
+
+    ``scale`` maps box coordinates onto ``image`` when it is a resized copy of the image they refer to.
+    """
     canvas = Image.fromarray(np.ascontiguousarray(image))
     draw = ImageDraw.Draw(canvas)
     width = max(2, min(canvas.size) // 200)
     for box in gt_boxes:
-        draw.rectangle(_ordered(box), outline=GT_COLOUR, width=width)
+        draw.rectangle(_ordered(box, scale), outline=GT_COLOUR, width=width)
     for i, box in enumerate(zoom_boxes):
-        draw.rectangle(_ordered(box), outline=ZOOM_COLOURS[i % len(ZOOM_COLOURS)], width=width)
+        draw.rectangle(_ordered(box, scale), outline=ZOOM_COLOURS[i % len(ZOOM_COLOURS)], width=width)
     return np.asarray(canvas)
 
 
-def _ordered(box: Box) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = box
+def _ordered(box: Box, scale: float = 1.0) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (v * scale for v in box)
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 
 
-def image_data_uri(image: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> str:
-    """A small PNG of the image as a data URI, so transcripts are self-contained files."""
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    pil.thumbnail((max_side, max_side))
+def image_data_uri(image: np.ndarray) -> str:
+    """The image as a PNG data URI, so transcripts are self-contained files."""
     buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_tag(image: np.ndarray, label: str = "", zoom_boxes: Sequence[Box] = (), gt_boxes: Sequence[Box] = (),
+              max_side: int = THUMBNAIL_SIDE, min_display: int = MIN_DISPLAY_SIDE) -> str:
+    """An ``<img>`` of a thumbnail with the boxes drawn on it (after shrinking, so lines stay visible),
+    labelled with the real size; small crops are shown enlarged with square pixels."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    thumb = Image.fromarray(np.ascontiguousarray(image))
+    if scale < 1.0:
+        thumb = thumb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    pixels = np.asarray(thumb)
+    if zoom_boxes or gt_boxes:
+        pixels = draw_boxes(pixels, zoom_boxes, gt_boxes, scale=scale)
+    display = f" width='{min_display}' style='image-rendering:pixelated'" if max(h, w) < min_display else ""
+    text = html.escape(label or f"{w}x{h} px")
+    return f"<img src='{image_data_uri(pixels)}' title='{text}'{display}/><div class='de-role lbl'>{text}</div>"
 
 
 class HTMLTranscript:
@@ -87,13 +107,11 @@ def transcript_html(messages: Sequence[Message], zoom_boxes: Sequence[Box], task
         for part in msg["content"]:
             if part["type"] == "text":
                 rows.append(f"<pre>{html.escape(part['text'])}</pre>")
-                continue
-            image = part["image"]
-            if first_image and task is not None:
-                image = draw_boxes(image, zoom_boxes, task.gt_boxes)
+            elif first_image and task is not None:
+                rows.append(image_tag(part["image"], zoom_boxes=zoom_boxes, gt_boxes=task.gt_boxes))
                 first_image = False
-            h, w = part["image"].shape[:2]
-            rows.append(f"<img src='{image_data_uri(image)}' title='{w}x{h}'/><div class='de-role'>{w}x{h} px</div>")
+            else:
+                rows.append(image_tag(part["image"]))
         rows.append("</div>")
     if reward_parts:
         cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
