@@ -1,0 +1,270 @@
+"""``DeepEyesAlgorithm``: one RLlib training iteration for a vision-language policy.
+
+``training_step`` reads as the data flow of the design::
+
+    tasks   = next prompts from the seeded schedule (the driver owns the data position)
+    results = env runners play rollouts_per_prompt episodes of each task (generate, tools, judge)
+    advantages over the whole batch (GRPO groups, RLOO, REINFORCE++ whitening)
+    learners: one optimizer step per minibatch, gradients all-reduced across learners
+    weights -> env runners (RLlib's sync_weights)
+
+Checkpoints are RLlib's (``save_to_path`` / ``restore_from_path``): the learners' module and optimizer,
+plus this class's own state (data position, SFT status, RNG states). Env runners that die are restarted by
+RLlib (``restart_failed_env_runners``); an iteration carries on with the batches that came back.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+
+from deepeyes_agent.data import TaskSchedule, demonstrations, make_task_source
+from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, split_even
+from deepeyes_agent.rllib.config import DeepEyesConfig
+from deepeyes_agent.rllib.losses import token_count
+
+STATE_KEY = "deepeyes"
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v == v]  # NaN (e.g. IoU without a zoom) is left out
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def batch_metrics(episodes: Sequence[PackedEpisode], prefix: str = "") -> dict[str, float]:
+    """Means of the per-episode metrics, plus the tool-call rate (share of episodes with a call)."""
+    if not episodes:
+        return {}
+    keys = episodes[0].metrics.keys()
+    out = {f"{prefix}{k}": _mean([e.metrics[k] for e in episodes]) for k in keys}
+    out[f"{prefix}tool_call_rate"] = _mean([float(e.metrics.get("tool_calls", 0) > 0) for e in episodes])
+    calls = sum(e.metrics.get("tool_calls", 0.0) for e in episodes)
+    invalid = sum(e.metrics.get("invalid_calls", 0.0) for e in episodes)
+    out[f"{prefix}invalid_call_rate"] = invalid / calls if calls else 0.0
+    return out
+
+
+class DeepEyesAlgorithm(Algorithm):
+    """RL for Qwen-VL policies with tools; see the module docstring."""
+
+    @classmethod
+    def get_default_config(cls) -> DeepEyesConfig:
+        return DeepEyesConfig()
+
+    def setup(self, config: DeepEyesConfig) -> None:
+        super().setup(config)
+        run = self.config.deepeyes
+        self.schedule = TaskSchedule(len(make_task_source(run.data, "train")), run.data.seed, run.data.shuffle)
+        self.n_eval_tasks = len(make_task_source(run.data, "eval"))
+        self.sft_done = run.sft.steps == 0
+        self.last_metrics: dict[str, Any] = {}
+        self.last_samples: list[Any] = []
+        self.sync_policy_weights()
+
+    # ------------------------------------------------------------------ the pieces of an iteration
+    def sync_policy_weights(self) -> float:
+        """Send the learners' weights to every env runner; returns the seconds it took."""
+        start = time.perf_counter()
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        return time.perf_counter() - start
+
+    def restore_env_runners(self, env_runner_group: Any) -> list[int]:
+        """Bring restarted env runners back and give them the current weights (RLlib restarts the actors)."""
+        restored = env_runner_group.probe_unhealthy_env_runners()
+        if restored:
+            self._counters["total_num_restored_workers"] += len(restored)
+            env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
+                                          to_worker_indices=restored)
+        return restored
+
+    def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
+                        temperature: float | None = None, seed: int = 0, keep: int = 0) -> list[dict[str, Any]]:
+        """Play the tasks on the env runners (split evenly across the healthy ones); one result per runner.
+
+        Each task's rollouts stay on one runner, so a GRPO group is never split; a runner that fails
+        loses its share of the batch for this iteration only.
+        """
+        kwargs = {"split": split, "n_per_task": n_per_task, "temperature": temperature}
+        if self.env_runner is not None:  # local mode
+            return [self.env_runner.sample(task_indices=list(task_indices), seed=seed, keep=keep, **kwargs)]
+        ids = self.env_runner_group.healthy_env_runner_ids()
+        if not ids:
+            raise RuntimeError("no healthy env runner left")
+        shares = split_even(list(task_indices), len(ids))
+        calls, offset = [], 0
+        for k, share in enumerate(shares):
+            calls.append({**kwargs, "task_indices": share, "seed": seed + 7919 * k, "group_offset": offset,
+                          "keep": keep if k == 0 else 0})
+            offset += len(share)
+        used = [i for i, share in zip(ids, shares, strict=True) if share]
+        calls = [c for c in calls if c["task_indices"]]
+        return self.env_runner_group.foreach_env_runner(
+            "sample", kwargs=calls, remote_worker_ids=used, local_env_runner=False,
+            timeout_seconds=self.config.deepeyes.resources.sample_timeout_s)
+
+    def _learner_call(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[dict[str, float]]:
+        """Call ``method(shard, **kwargs)`` on every learner, learner r getting ``shards[r]``."""
+        if self.learner_group.is_local:
+            return [getattr(self.learner_group._learner, method)(shards[0], **kwargs)]
+        refs = [ray.put(s) for s in shards]
+
+        def call(learner: Any, refs: list, kwargs: dict) -> dict[str, float]:
+            return getattr(learner, method)(ray.get(refs[learner.rank]), **kwargs)
+
+        results = self.learner_group.foreach_learner(call, refs=refs, kwargs=kwargs)
+        return [r.get() for r in results]
+
+    def update_policy(self, episodes: Sequence[PackedEpisode], lr: float) -> dict[str, float]:
+        """Split the batch into minibatches x learners and run the optimizer steps; returns summed metrics."""
+        run = self.config.deepeyes
+        n_learners = max(1, self.config.num_learners)
+        minibatches = split_even(list(episodes), run.algorithm.minibatches)
+        per_learner: list[list[tuple[list[PackedEpisode], float]]] = [[] for _ in range(n_learners)]
+        for mb in minibatches:
+            normalizer = max(1.0, token_count(mb, run.algorithm.loss_agg))
+            for r, shard in enumerate(split_even(mb, n_learners)):
+                per_learner[r].append((shard, normalizer))
+        results = self._learner_call("update_from_packed", per_learner, lr=lr, epochs=run.algorithm.epochs)
+        total: dict[str, float] = {}
+        for res in results:
+            for k, v in res.items():
+                total[k] = total.get(k, 0.0) + v
+        total["grad_norm"] = results[0]["grad_norm"]  # identical on every learner (after the all-reduce)
+        total["optimizer_steps"] = results[0]["optimizer_steps"]
+        return total
+
+    def current_lr(self) -> float:
+        optim = self.config.deepeyes.optim
+        if optim.warmup_iterations > 0:
+            return optim.lr * min(1.0, (self.iteration + 1) / optim.warmup_iterations)
+        return optim.lr
+
+    # ------------------------------------------------------------------ one iteration
+    def training_step(self) -> None:
+        run = self.config.deepeyes
+        iteration = self.iteration  # completed iterations so far
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        indices = self.schedule.take(run.rollout.prompts_per_iteration)
+        keep = run.logging.n_saved_trajectories if (
+            run.logging.save_trajectories_every and (iteration + 1) % run.logging.save_trajectories_every == 0) else 0
+        results = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
+                                       seed=run.seed * 1_000_003 + iteration * 101, keep=keep)
+        episodes = [e for r in results for e in r["episodes"]]
+        timings["rollout_s"] = time.perf_counter() - start
+        timings["judge_s"] = max((r["timings"].get("judge_s", 0.0) for r in results), default=0.0)
+        timings["generate_s"] = max((r["timings"].get("generate_s", 0.0) for r in results), default=0.0)
+        if not episodes:
+            raise RuntimeError("no episodes came back from the env runners")
+
+        assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
+                          gamma=run.algorithm.gamma)
+        start = time.perf_counter()
+        lr = self.current_lr()
+        stats = self.update_policy(episodes, lr)
+        timings["update_s"] = time.perf_counter() - start
+        timings["weight_sync_s"] = self.sync_policy_weights()
+
+        tokens = max(1.0, stats.get("tokens", 0.0))
+        all_tokens = float(sum(len(e) for e in episodes))
+        metrics: dict[str, Any] = {
+            **batch_metrics(episodes),
+            "episodes": float(len(episodes)),
+            "pg_loss": stats.get("pg_loss", 0.0) / tokens,
+            "entropy": stats.get("entropy_sum", 0.0) / tokens,
+            "clip_fraction": stats.get("clip_fraction_sum", 0.0) / tokens,
+            "approx_kl": stats.get("approx_kl_sum", 0.0) / tokens,
+            "kl": stats.get("kl_sum", 0.0) / tokens if "kl_sum" in stats else 0.0,
+            "grad_norm": stats.get("grad_norm", 0.0),
+            "lr": lr,
+            "learner_tokens_per_s": all_tokens * run.algorithm.epochs / max(timings["update_s"], 1e-9),
+            "rollout_tokens_per_s": sum(r["timings"].get("generated_tokens", 0.0) for r in results)
+            / max(timings["rollout_s"], 1e-9),
+            "env_runners": float(len(results)),
+            **{f"time/{k}": v for k, v in timings.items()},
+        }
+        judge_stats: dict[str, float] = {}
+        for r in results:
+            for k, v in (r.get("judge_stats") or {}).items():
+                if isinstance(v, (int, float)):
+                    judge_stats[f"judge/{k}"] = judge_stats.get(f"judge/{k}", 0.0) + float(v)
+        metrics.update(judge_stats)
+        metrics["env_runner_nodes"] = sorted({r["node_id"] for r in results})
+        metrics["env_runner_pids"] = sorted({r["pid"] for r in results})
+        self.last_samples = [s for r in results for s in r.get("samples", [])]
+        self.last_metrics = metrics
+        self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
+
+    # ------------------------------------------------------------------ evaluation and SFT
+    def evaluate_heldout(self, n_tasks: int | None = None) -> dict[str, float]:
+        """Play the held-out tasks once each at ``rollout.eval_temperature``; accuracy, tool-call rate, ..."""
+        run = self.config.deepeyes
+        n = min(self.n_eval_tasks, n_tasks or self.n_eval_tasks)
+        if n == 0:
+            return {}
+        results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1,
+                                       temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
+        return batch_metrics([e for r in results for e in r["episodes"]])
+
+    def run_sft(self, progress: Any = None) -> list[dict[str, float]]:
+        """Supervised warm start on scripted demonstrations (``sft.steps`` AdamW steps); idempotent."""
+        if self.sft_done:
+            return []
+        from deepeyes_agent.models import load_processor
+
+        run = self.config.deepeyes
+        processor = load_processor(run.model.path, min_pixels=run.model.min_pixels, max_pixels=run.model.max_pixels)
+        source = make_task_source(run.data, "train")
+        rng = np.random.default_rng([run.seed, 17])
+        picks = rng.choice(len(source), size=min(run.sft.n_demos, len(source)), replace=False)
+        contexts = demonstrations([source[int(i)] for i in picks], run.env, processor,
+                                  include_zoom=run.sft.include_zoom, max_total_tokens=run.rollout.max_total_tokens)
+        demos = [PackedEpisode.from_context(c) for c in contexts]
+        n_learners = max(1, self.config.num_learners)
+        history = []
+        for step in range(run.sft.steps):
+            order = rng.permutation(len(demos))[: run.sft.batch_size]
+            batch = [demos[int(i)] for i in order]
+            normalizer = max(1.0, token_count(batch, "token-mean"))
+            shards = split_even(batch, n_learners)
+            results = self._learner_call("sft_update", shards, normalizer=normalizer, lr=run.sft.lr)
+            nll = sum(r["nll_sum"] for r in results) / normalizer
+            history.append({"sft_step": step + 1, "sft_nll": nll, "sft_grad_norm": results[0]["grad_norm"]})
+            if progress is not None:
+                progress(history[-1])
+        self.learner_group.foreach_learner(lambda learner: learner.finish_sft())
+        self.sync_policy_weights()
+        self.sft_done = True
+        return history
+
+    def learner_checksums(self) -> list[list[float]]:
+        """Each learner's per-tensor parameter sums (equal lists: identical parameters)."""
+        results = self.learner_group.foreach_learner(lambda learner: learner.parameter_checksum())
+        return [r.get() for r in results]
+
+    # ------------------------------------------------------------------ checkpoint state
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state[STATE_KEY] = {
+            "schedule": self.schedule.get_state(), "sft_done": self.sft_done,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        own = state.get(STATE_KEY)
+        if own:
+            self.schedule.set_state(own["schedule"])
+            self.sft_done = bool(own["sft_done"])
+            random.setstate(own["rng"]["python"])
+            np.random.set_state(own["rng"]["numpy"])
+            torch.set_rng_state(own["rng"]["torch"])

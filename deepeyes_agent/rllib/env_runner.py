@@ -1,0 +1,152 @@
+"""The env runner: owns envs, a generation engine and a judge; plays whole multi-turn episodes.
+
+RLlib's default ``SingleAgentEnvRunner`` steps an env one action at a time through connectors built for
+tensors; an LLM's action is a whole generated turn and its observations are variable-size images, so this
+runner drives the rollout itself (``deepeyes_agent.rollout.loop.run_episodes``: batched generation across
+episodes, env steps, one batched judge call at the end) and returns finished episodes, packed for the
+learners. It keeps RLlib's contract otherwise: built from the ``AlgorithmConfig``, weights arrive through
+``set_state`` (the Algorithm's ``sync_weights``), restarts are handled by RLlib's fault tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import ray
+import torch
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.utils.checkpoints import Checkpointable
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+
+from deepeyes_agent.data import make_task_source
+from deepeyes_agent.models import load_model, load_processor
+from deepeyes_agent.rllib.batch import PackedEpisode
+from deepeyes_agent.rollout.engine import Engine, SamplingParams
+from deepeyes_agent.rollout.loop import run_episodes
+from deepeyes_agent.trajectory import Trajectory
+from deepeyes_envs.judges import make_judge
+
+
+def make_engine(run: Any, processor: Any) -> Engine:
+    """The generation engine the config names: ``hf`` (transformers, here) or ``vllm`` (its own venv/GPU)."""
+    if run.rollout.engine == "hf":
+        from deepeyes_agent.rollout.hf_engine import HFEngine
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(run.model.path, dtype=run.model.dtype, device=device,
+                           attn_implementation=run.model.attn_implementation)
+        return HFEngine(model, processor)
+    if run.rollout.engine == "vllm":
+        from deepeyes_agent.rollout.vllm_engine import VLLMEngine  # needs the vllm venv (scripts/vllm_venv.sh)
+
+        kwargs = dict(run.rollout.vllm)
+        budget = {k: v for k, v in (("min_pixels", run.model.min_pixels), ("max_pixels", run.model.max_pixels))
+                  if v is not None}
+        if budget and "mm_processor_kwargs" not in kwargs:  # vLLM must expand images to the same token counts
+            kwargs["mm_processor_kwargs"] = budget
+        return VLLMEngine(run.model.path, **kwargs)
+    raise ValueError(f"unknown rollout.engine {run.rollout.engine!r}")
+
+
+def trajectory_metrics(traj: Trajectory) -> dict[str, float]:
+    """The per-episode numbers the trainer logs (means over a batch go to TensorBoard)."""
+    parts = traj.reward_parts
+    calls = [c for t in traj.turns for c in t.tool_calls]
+    ious = [float(c["iou"]) for c in calls if c.get("iou") is not None]
+    return {
+        "reward": float(traj.reward), "acc": float(parts.get("acc", 0.0)),
+        "format_error": float(bool(parts.get("format_error", False))), "tool_bonus": float(parts.get("tool", 0.0)),
+        "tool_calls": float(len(calls)), "invalid_calls": float(sum(1 for c in calls if not c.get("ok", False))),
+        "image_observations": float(traj.n_image_observations), "iou": float(np.mean(ious)) if ious else float("nan"),
+        "response_length": float(traj.n_generated_tokens), "turns": float(traj.n_turns),
+        "truncated": float(traj.truncated), "tokens": float(len(traj.token_ids)),
+    }
+
+
+class LLMEnvRunner(EnvRunner, Checkpointable):
+    """Plays episodes of tasks given by index; see the module docstring."""
+
+    def __init__(self, *, config: Any, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        self.run = self.config.deepeyes
+        torch.set_num_threads(self.run.resources.torch_threads)
+        self.processor = load_processor(self.run.model.path, min_pixels=self.run.model.min_pixels,
+                                        max_pixels=self.run.model.max_pixels)
+        self.engine = make_engine(self.run, self.processor)
+        self.judge = make_judge(self.run.rollout.judge)
+        self.sources = {"train": make_task_source(self.run.data, "train"),
+                        "eval": make_task_source(self.run.data, "eval")}
+        self.weights_seq_no = 0
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+    # ------------------------------------------------------------------ RLlib's EnvRunner API
+    def assert_healthy(self) -> None:
+        assert self.engine is not None and self.processor is not None, "env runner not built"
+
+    def get_spaces(self) -> dict[str, tuple[gym.Space, gym.Space]]:
+        """Token-level spaces: one vocabulary id observed, one generated (RLlib needs some spaces)."""
+        vocab = len(self.processor.tokenizer)
+        obs = gym.spaces.Box(0, vocab, shape=(1,), dtype=np.int64)
+        act = gym.spaces.Discrete(vocab)
+        return {"__env__": (obs, act), DEFAULT_MODULE_ID: (obs, act)}
+
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        return {WEIGHTS_SEQ_NO: self.weights_seq_no}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Load new policy weights when the state carries them (``sync_weights``)."""
+        module_state = state.get(COMPONENT_RL_MODULE)
+        if isinstance(module_state, ray.ObjectRef):
+            module_state = ray.get(module_state)
+        if module_state:
+            weights = module_state.get(DEFAULT_MODULE_ID, module_state)
+            self.engine.load_weights({k: torch.as_tensor(v) for k, v in weights.items()})
+        self.weights_seq_no = int(state.get(WEIGHTS_SEQ_NO, self.weights_seq_no + (1 if module_state else 0)))
+
+    def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict[str, Any]]:
+        return (), {"config": self.config}
+
+    def get_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        self.engine.close()
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, *, task_indices: list[int] = (), split: str = "train", n_per_task: int = 1,
+               seed: int = 0, temperature: float | None = None, group_offset: int = 0, keep: int = 0,
+               **kwargs: Any) -> dict[str, Any]:
+        """Play ``n_per_task`` episodes of each task; returns packed episodes, metrics and ``keep`` samples."""
+        start = time.perf_counter()
+        rollout = self.run.rollout
+        source = self.sources[split]
+        tasks = [source[i] for i in task_indices]
+        temp = rollout.temperature if temperature is None else temperature
+        sampling = SamplingParams(max_tokens=rollout.max_tokens, temperature=temp,
+                                  top_p=rollout.top_p if temp > 0 else 1.0, seed=seed)
+        trajectories = run_episodes(tasks, self.engine, self.processor, n_per_task=n_per_task, sampling=sampling,
+                                    env_id=self.run.env.env_id or None, env_kwargs=self.run.env.kwargs,
+                                    judge=self.judge, max_total_tokens=rollout.max_total_tokens,
+                                    max_prompt_tokens=rollout.max_prompt_tokens, seed=seed)
+        episodes = []
+        for traj in trajectories:
+            if traj.context is None:  # skipped: the prompt alone exceeded the budget
+                continue
+            episodes.append(PackedEpisode.from_context(
+                traj.context, reward=traj.reward, group_id=group_offset + traj.group_id, task_id=traj.task_id,
+                metrics=trajectory_metrics(traj)))
+        samples = []
+        for traj in list(trajectories)[:keep]:
+            traj.context = None  # holds the processor; the saved format does not need it
+            samples.append(traj)
+        self.num_env_steps_sampled_lifetime += sum(t.n_turns for t in trajectories)
+        timings = dict(getattr(trajectories, "timings", {}))
+        timings["runner_total_s"] = time.perf_counter() - start
+        return {"episodes": episodes, "samples": samples, "timings": timings, "node_id": self.node_id,
+                "worker_index": self.worker_index or 0, "pid": os.getpid(),
+                "judge_stats": self.judge.stats() if hasattr(self.judge, "stats") else {}}

@@ -1,0 +1,187 @@
+"""The learner: RLlib's ``TorchLearner`` computing the losses of ``losses.py`` over packed episodes.
+
+One optimizer step, as it runs on every learner at once::
+
+    for each micro-batch of my shard:   loss = rl_loss(...) / global normalizer;  loss.backward()
+    all-reduce (sum) the gradients over learners         # data parallel, gloo on CPU, nccl on GPU
+    clip the global gradient norm;  AdamW step
+
+Data parallelism is an explicit gradient all-reduce after accumulation rather than RLlib's
+``TorchDDPRLModule`` wrapper: micro-batches have different lengths and counts, the loss is normalised over
+the whole step (all learners), and one all-reduce per optimizer step is all DDP would do under
+``no_sync`` anyway. Parameters start identical (rank 0 broadcasts them) and stay identical because every
+learner applies the same summed gradient. Fully sharded training (FSDP2) is not provided: RLlib's
+learner API keeps a full module per learner, and see docs/cluster.md for the limits this sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+
+from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes, micro_batches
+from deepeyes_agent.rllib.losses import LossSettings, rl_loss_from_logits, sampled_token_stats, sft_loss
+
+
+class LLMLearner(TorchLearner):
+    """A learner for Qwen-VL policies trained from multi-turn trajectories."""
+
+    # ------------------------------------------------------------------ set-up
+    def build(self) -> None:
+        run = self.config.deepeyes
+        torch.set_num_threads(run.resources.torch_threads)
+        super().build()
+        model_config = self.model.config
+        self.suppress_token_ids = tuple(int(getattr(model_config, name)) for name in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
+        self.ref_model: torch.nn.Module | None = None
+        self._sft_optimizer: torch.optim.Optimizer | None = None
+        if self.world_size > 1:  # same start everywhere, whatever each process loaded
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0)
+        if run.algorithm.kl_coef:
+            self.snapshot_reference()
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        """No DDP wrapper: gradients are all-reduced explicitly after accumulation (see the module doc)."""
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        optim = self.config.deepeyes.optim
+        params = self.get_parameters(self.module[module_id])
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params,
+                                lr_or_lr_schedule=optim.lr)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.module[DEFAULT_MODULE_ID].model
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.world_size > 1 else 0
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the current policy as the KL reference (after any SFT warm start)."""
+        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        run = self.config.deepeyes
+        a = run.algorithm
+        return LossSettings(temperature=run.rollout.temperature, clip_ratio_low=a.clip_ratio_low,
+                            clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, loss_agg=a.loss_agg,
+                            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
+
+    def compute_loss_for_module(self, *, module_id: str, config: Any = None, batch: dict[str, Any],
+                                fwd_out: dict[str, Any]) -> torch.Tensor:
+        """RLlib's loss hook: the clipped policy loss (+ KL, - entropy) of one collated micro-batch.
+
+        ``batch`` is ``collate_episodes`` output plus ``normalizer`` (the step's global token count);
+        ``fwd_out["logits"]`` comes from the module's ``forward_train``. Metrics go to ``_loss_metrics``.
+        """
+        settings = self.loss_settings
+        ref_logprobs = None
+        if settings.kl_coef != 0.0:
+            with torch.no_grad():
+                ref_logprobs, _ = sampled_token_stats(self.ref_model, batch, settings.temperature,
+                                                      self.suppress_token_ids, with_entropy=False)
+        loss, self._loss_metrics = rl_loss_from_logits(fwd_out["logits"], batch, settings, self.suppress_token_ids,
+                                                       float(batch["normalizer"]), ref_logprobs)
+        return loss
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _all_reduce_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def _step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], lr: float,
+              clip: float) -> float:
+        self._all_reduce_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if math.isfinite(float(grad_norm)):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def update_from_packed(self, minibatches: Sequence[tuple[Sequence[PackedEpisode], float]], lr: float,
+                           epochs: int = 1) -> dict[str, float]:
+        """Policy-gradient updates: one optimizer step per (my shard of a minibatch, global normalizer).
+
+        Every learner must receive the same number of minibatches (collective calls pair up).
+        Returns metrics summed over my tokens, plus the step's gradient norms.
+        """
+        run = self.config.deepeyes
+        optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        totals: dict[str, float] = {}
+        grad_norms = []
+        for _ in range(epochs):
+            for episodes, normalizer in minibatches:
+                optimizer.zero_grad(set_to_none=True)
+                for chunk in micro_batches(episodes, run.algorithm.micro_batch_size):
+                    batch = collate_episodes(chunk, device=self._device)
+                    batch["normalizer"] = normalizer
+                    fwd_out = self.module[DEFAULT_MODULE_ID].forward_train(batch)
+                    loss = self.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=self.config,
+                                                        batch=batch, fwd_out=fwd_out)
+                    loss.backward()
+                    metrics = self._loss_metrics
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + v
+                grad_norms.append(self._step(optimizer, params, lr, run.optim.grad_clip))
+        self.model.eval()
+        totals["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        totals["optimizer_steps"] = float(len(grad_norms))
+        return totals
+
+    def sft_update(self, episodes: Sequence[PackedEpisode], normalizer: float, lr: float) -> dict[str, float]:
+        """One supervised step on demonstrations (its own AdamW, so RL starts with a fresh optimizer state)."""
+        run = self.config.deepeyes
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._sft_optimizer is None:
+            self._sft_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.model.train()
+        totals: dict[str, float] = {}
+        for chunk in micro_batches(episodes, run.algorithm.micro_batch_size):
+            batch = collate_episodes(chunk, device=self._device)
+            loss, metrics = sft_loss(self.model, batch, self.suppress_token_ids, normalizer)
+            loss.backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+        totals["grad_norm"] = self._step(self._sft_optimizer, params, lr, run.optim.grad_clip)
+        self.model.eval()
+        return totals
+
+    def finish_sft(self) -> None:
+        """Drop the SFT optimizer; snapshot the warm-started policy as the KL reference if one is used."""
+        self._sft_optimizer = None
+        if self.config.deepeyes.algorithm.kl_coef:
+            self.snapshot_reference()
+
+    def parameter_checksum(self) -> list[float]:
+        """Sum of every parameter tensor, in order: equal lists mean (numerically) identical learners."""
+        return [float(p.detach().double().sum()) for p in self.model.parameters()]
+
+    def node_and_rank(self) -> tuple[str, int, int]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), self.rank, self.world_size

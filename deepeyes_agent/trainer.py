@@ -1,0 +1,169 @@
+"""The driver loop of ``train.py``: build the run, resume it, warm-start it, train it, report it.
+
+Everything about one iteration lives in ``DeepEyesAlgorithm.training_step``; this module does what happens
+around iterations: the run directory (config.yaml, the tiny model, checkpoints, trajectories, metrics,
+TensorBoard, report), Ray start-up, resume from the newest checkpoint, the SFT warm start, evaluation,
+checkpointing and the progress display.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepeyes_agent.run_log import RunLog, format_line
+from deepeyes_agent.train_config import TrainConfig
+
+CHECKPOINT_PREFIX = "iter_"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (``checkpoints/iter_N``); half-written ``tmp-*`` ones are ignored."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "DONE").exists()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(algo: Any, run_dir: Path, iteration: int, keep: int) -> Path:
+    """Save through RLlib's ``save_to_path`` into a temp dir, then rename: a kill never leaves a torn one."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{iteration}"
+    tmp = folder / f"tmp-{CHECKPOINT_PREFIX}{iteration}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp))
+    (tmp / "DONE").write_text(str(iteration))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    complete = sorted((p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)),
+                      key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------ run setup
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory, build the tiny model if asked, and write the resolved config."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.model.build_tiny:
+        model_dir = run_dir / "tiny_model"
+        if not (model_dir / "config.json").exists():
+            from deepeyes_agent.models import build_tiny_qwen2_5_vl
+
+            build_tiny_qwen2_5_vl(model_dir, seed=cfg.seed)
+        cfg.model.path = str(model_dir.resolve())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def start_ray(cfg: TrainConfig, address: str | None) -> bool:
+    """Connect to a cluster (``address``) or start a small local Ray; returns True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        return False
+    ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
+             object_store_memory=cfg.resources.object_store_mb * 1024 * 1024)
+    return True
+
+
+def save_samples(algo: Any, run_dir: Path, iteration: int) -> Path | None:
+    """Write the iteration's sample trajectories in the trajectory format (``trajectories/iter_N``)."""
+    if not algo.last_samples:
+        return None
+    from deepeyes_agent.trajectory import save_trajectories
+
+    return save_trajectories(algo.last_samples, run_dir / "trajectories" / f"iter_{iteration}")
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns the final held-out metrics and paths."""
+    import ray
+    import torch
+    from tqdm import tqdm
+
+    from deepeyes_agent.rllib.config import DeepEyesConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(cfg.resources.torch_threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = prepare_run_dir(cfg)
+    started_ray = start_ray(cfg, address)
+    algo = None
+    log = None
+    try:
+        t0 = time.perf_counter()
+        algo = DeepEyesConfig.from_run_config(cfg).build_algo()
+        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+        if checkpoint is not None:
+            algo.restore_from_path(str(checkpoint))
+            echo(f"resumed from {checkpoint} (iteration {algo.iteration})")
+        start = algo.iteration
+        log = RunLog(run_dir, cfg.logging.tensorboard, resume_iteration=start if checkpoint is not None else None)
+        echo(f"run dir {run_dir} | built in {time.perf_counter() - t0:.1f} s | iterations {start}..{cfg.iterations}")
+
+        if not algo.sft_done:
+            history = algo.run_sft()
+            for rec in history:
+                log.log(0, rec, kind="sft")
+            if history:
+                echo(f"SFT warm start: {len(history)} steps, NLL {history[0]['sft_nll']:.3f} -> "
+                     f"{history[-1]['sft_nll']:.3f}")
+        if start == 0 and cfg.logging.eval_every:
+            evaluation = algo.evaluate_heldout()
+            log.log(0, evaluation, kind="eval")
+            echo(format_line(0, cfg.iterations, {f"eval/{k}": v for k, v in evaluation.items()}))
+            save_checkpoint(algo, run_dir, 0, cfg.logging.keep_checkpoints)
+
+        bar = tqdm(total=cfg.iterations, initial=start, desc="iterations", unit="it",
+                   disable=not cfg.logging.progress, dynamic_ncols=True)
+        for iteration in range(start + 1, cfg.iterations + 1):
+            algo.train()
+            metrics = dict(algo.last_metrics)
+            log.log(iteration, metrics, kind="train")
+            if algo.last_samples:
+                save_samples(algo, run_dir, iteration)
+            shown = dict(metrics)
+            last = iteration == cfg.iterations
+            if cfg.logging.eval_every and (iteration % cfg.logging.eval_every == 0 or last):
+                evaluation = algo.evaluate_heldout()
+                log.log(iteration, evaluation, kind="eval")
+                shown.update({f"eval/{k}": v for k, v in evaluation.items()})
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward', 0):+.2f}", acc=f"{metrics.get('acc', 0):.2f}")
+            (bar.write if cfg.logging.progress else echo)(format_line(iteration, cfg.iterations, shown))
+            if iteration % cfg.logging.checkpoint_every == 0 or last:
+                save_checkpoint(algo, run_dir, iteration, cfg.logging.keep_checkpoints)
+        bar.close()
+        report = None
+        if cfg.logging.report:
+            from deepeyes_agent.report import write_report
+
+            report = write_report(run_dir, cfg.to_dict())
+            echo(f"report: {report}")
+        from deepeyes_agent.run_log import read_metrics
+
+        evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+        return {"run_dir": str(run_dir), "report": str(report) if report else None,
+                "first_eval": evals[0] if evals else {}, "last_eval": evals[-1] if evals else {}}
+    finally:
+        if log is not None:
+            log.close()
+        if algo is not None:
+            algo.stop()
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,69 @@
+"""Resume without loss: SIGKILL ``train.py`` mid-iteration, rerun the same command, and the run continues
+from its last checkpoint with the curves continuing (no gap, no duplicate iteration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(run_dir: Path, model_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "name=resume", f"logging.run_dir={run_dir}", "iterations=6",
+            "model.build_tiny=false", f"model.path={model_dir}", "logging.checkpoint_every=2",
+            "logging.eval_every=0", "logging.progress=false", "logging.report=false", "sft.steps=0",
+            "rollout.prompts_per_iteration=4", "rollout.rollouts_per_prompt=2", "rollout.max_tokens=12",
+            "data.n_eval=4", "algorithm.micro_batch_size=8", "resources.torch_threads=1",
+            "logging.save_trajectories_every=0"]
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+            if r["kind"] == "train"]
+
+
+def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command(run_dir, tiny_model_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    try:
+        deadline = time.monotonic() + 360
+        # wait until iteration 3 is logged: the checkpoint of iteration 2 exists and iteration 4 is running
+        while time.monotonic() < deadline and first.poll() is None:
+            if any(r["iteration"] >= 3 for r in train_records(run_dir)):
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, f"run ended early:\n{first.stdout.read()}"
+        assert (run_dir / "checkpoints" / "iter_2" / "DONE").exists()
+        before = {r["iteration"]: r for r in train_records(run_dir)}
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        first.wait()
+    assert max(before) >= 3
+
+    second = subprocess.run(command(run_dir, tiny_model_dir), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=420, start_new_session=True)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "iter_2" in out
+    records = train_records(run_dir)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for i in (1, 2):  # what came before the checkpoint is kept as it was
+        assert records[i - 1]["reward"] == before[i]["reward"]
+        assert records[i - 1]["time/rollout_s"] == before[i]["time/rollout_s"]
+    assert (run_dir / "checkpoints" / "iter_6" / "DONE").exists()
+    assert not any(p.name.startswith("tmp-") for p in (run_dir / "checkpoints").iterdir())
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))

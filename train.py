@@ -1,0 +1,49 @@
+"""Train a Qwen-VL policy to think with images: ``python train.py --config configs/NAME.yaml [key=value ...]``.
+
+With no arguments it runs ``configs/tiny_cpu.yaml``: a tiny model, built offline into the run directory,
+trained on synthetic toy tasks on two CPU cores in a few minutes. ``--address`` joins an existing Ray cluster
+(``ray start --head`` ...) instead of starting a local one. Rerunning the same command resumes from the
+newest checkpoint in the run directory. ``--describe`` lists every setting. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_cpu.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file (default: tiny_cpu)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    parser.add_argument("--describe", action="store_true", help="print every setting with its default and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. rollout.temperature=0.7")
+    args = parser.parse_args(argv)
+
+    from deepeyes_agent.train_config import ConfigError, describe, load_config
+
+    if args.describe:
+        print(describe())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 2
+    from deepeyes_agent.trainer import train
+
+    result = train(cfg, address=args.address)
+    last = result.get("last_eval") or {}
+    first = result.get("first_eval") or {}
+    if last:
+        print(f"held-out accuracy {first.get('acc', float('nan')):.3f} -> {last.get('acc', float('nan')):.3f}, "
+              f"tool-call rate {first.get('tool_call_rate', float('nan')):.3f} -> "
+              f"{last.get('tool_call_rate', float('nan')):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
