@@ -52,7 +52,7 @@ def save_checkpoint(algo: Any, run_dir: Path, iteration: int, keep: int) -> Path
 # ------------------------------------------------------------------------------------------ run setup
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Create the run directory, build the tiny model if asked, and write the resolved config."""
-    run_dir = cfg.run_dir
+    run_dir = cfg.run_dir.resolve()  # RLlib's checkpointing reads paths as URIs: relative ones fail
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.model.build_tiny:
         model_dir = run_dir / "tiny_model"

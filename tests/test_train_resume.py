@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def command(run_dir: Path, model_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "name=resume", f"logging.run_dir={run_dir}", "iterations=6",
+def command(model_dir: Path) -> list[str]:
+    # The run dir is relative, as in the README's default run (it runs in tmp_path).
+    return [sys.executable, str(ROOT / "train.py"), "name=resume", "logging.run_dir=run", "iterations=6",
             "model.build_tiny=false", f"model.path={model_dir}", "logging.checkpoint_every=2",
             "logging.eval_every=0", "logging.progress=false", "logging.report=false", "sft.steps=0",
             "rollout.prompts_per_iteration=4", "rollout.rollouts_per_prompt=2", "rollout.max_tokens=12",
@@ -37,7 +38,7 @@ def train_records(run_dir: Path) -> list[dict]:
 def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(command(run_dir, tiny_model_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen(command(tiny_model_dir), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True, text=True)
     try:
         deadline = time.monotonic() + 360
@@ -54,7 +55,7 @@ def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model_dir):
         first.wait()
     assert max(before) >= 3
 
-    second = subprocess.run(command(run_dir, tiny_model_dir), cwd=ROOT, env=env, capture_output=True, text=True,
+    second = subprocess.run(command(tiny_model_dir), cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=420, start_new_session=True)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
