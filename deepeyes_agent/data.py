@@ -117,6 +117,12 @@ def demonstration(task: Task, env_cfg: EnvConfig, processor: Any, *, include_zoo
 
 
 def demonstrations(tasks: Sequence[Task], env_cfg: EnvConfig, processor: Any, *, include_zoom: bool = True,
-                   max_total_tokens: int = 28672) -> list[EpisodeContext]:
-    return [demonstration(t, env_cfg, processor, include_zoom=include_zoom, max_total_tokens=max_total_tokens)
-            for t in tasks]
+                   max_total_tokens: int = 28672, zoom_fraction: float = 1.0, seed: int = 0) -> list[EpisodeContext]:
+    """Demonstrations of ``tasks``. With ``include_zoom``, a seeded ``zoom_fraction`` of them zoom then answer
+    and the rest answer directly (a mix that leaves RL a low starting tool-call rate to raise)."""
+    if not 0.0 <= zoom_fraction <= 1.0:
+        raise ValueError(f"zoom_fraction must be within [0, 1], got {zoom_fraction}")
+    n_zoom = round(zoom_fraction * len(tasks)) if include_zoom else 0
+    zooms = set(np.random.default_rng([seed, 23]).permutation(len(tasks))[:n_zoom].tolist())
+    return [demonstration(t, env_cfg, processor, include_zoom=i in zooms, max_total_tokens=max_total_tokens)
+            for i, t in enumerate(tasks)]

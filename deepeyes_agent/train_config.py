@@ -83,7 +83,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = setting("grpo", "Advantage estimator: grpo, dr_grpo, rloo or reinforce_plus_plus.")
+    advantage: str = setting("grpo", "Advantage estimator: grpo, dr_grpo, rloo, reinforce_plus_plus, or gae (PPO: "
+                                     "a value head on the policy is trained alongside it).")
     norm_by_std: bool = setting(True, "GRPO: divide by the group's reward std.")
     clip_ratio_low: float = setting(0.2, "PPO clip: lower bound 1 - clip_ratio_low (DeepEyes: 0.2).")
     clip_ratio_high: Optional[float] = setting(None, "PPO clip upper bound 1 + clip_ratio_high (None: = low).")
@@ -92,7 +93,11 @@ class AlgoConfig:
     kl_coef: float = setting(0.0, "Weight of the KL-to-reference loss (0: no reference model is loaded).")
     kl_estimator: str = setting("k3", "KL estimator for the KL loss: k1, k2, k3 or low_var_kl.")
     entropy_coef: float = setting(0.0, "Weight of the entropy bonus (0: off).")
-    gamma: float = setting(1.0, "Discount of reinforce_plus_plus returns.")
+    gamma: float = setting(1.0, "Discount per generated token of reinforce_plus_plus returns and of gae.")
+    lam: float = setting(1.0, "gae: lambda of generalised advantage estimation (1: Monte-Carlo return minus V).")
+    vf_coef: float = setting(0.5, "gae: weight of the value loss in the total loss.")
+    vf_clip: Optional[float] = setting(0.2, "gae: value clip range; the value loss gains nothing from moving V further "
+                                            "than this from its pre-update value (None: plain squared error).")
     epochs: int = setting(1, "Passes over each iteration's batch (DeepEyes: 1).")
     minibatches: int = setting(1, "Optimizer steps per pass; the batch is split into this many parts (DeepEyes: 1).")
     micro_batch_size: int = setting(16, "Trajectories per forward/backward (gradient accumulation fills the rest).")
@@ -116,6 +121,8 @@ class SFTConfig:
     n_demos: int = setting(512, "Distinct demonstration tasks (drawn from the training tasks).")
     include_zoom: bool = setting(True, "Demonstrations zoom on the ground-truth box before answering; False: "
                                        "answer directly.")
+    zoom_fraction: float = setting(1.0, "With include_zoom: the seeded share of demonstrations that zoom; the rest "
+                                        "answer directly (a low starting tool-call rate for RL to raise).")
 
 
 @dataclass
@@ -174,16 +181,20 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Cross-field checks whose failure would otherwise show up deep inside a run."""
-        from deepeyes_agent.algorithms import KL_ESTIMATORS, LOSS_AGG_MODES
+        from deepeyes_agent.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES
 
         algo, rollout = self.algorithm, self.rollout
         problems = []
-        if algo.advantage not in SUPPORTED_ADVANTAGES:
-            problems.append(f"algorithm.advantage must be one of {SUPPORTED_ADVANTAGES}, got {algo.advantage!r}")
+        if algo.advantage not in ADVANTAGE_ESTIMATORS:
+            problems.append(f"algorithm.advantage must be one of {ADVANTAGE_ESTIMATORS}, got {algo.advantage!r}")
         if algo.loss_agg not in LOSS_AGG_MODES:
             problems.append(f"algorithm.loss_agg must be one of {LOSS_AGG_MODES}, got {algo.loss_agg!r}")
         if algo.kl_estimator not in KL_ESTIMATORS:
             problems.append(f"algorithm.kl_estimator must be one of {KL_ESTIMATORS}, got {algo.kl_estimator!r}")
+        if algo.vf_clip is not None and algo.vf_clip <= 0:
+            problems.append(f"algorithm.vf_clip must be positive or null, got {algo.vf_clip}")
+        if not 0.0 <= algo.lam <= 1.0 or not 0.0 <= algo.gamma <= 1.0:
+            problems.append("algorithm.gamma and algorithm.lam must lie in [0, 1]")
         if rollout.engine not in ("hf", "vllm"):
             problems.append(f"rollout.engine must be 'hf' or 'vllm', got {rollout.engine!r}")
         if algo.advantage in ("grpo", "dr_grpo", "rloo") and rollout.rollouts_per_prompt < 2:
@@ -204,9 +215,6 @@ class TrainConfig:
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
         return self
-
-
-SUPPORTED_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
 
 
 class ConfigError(ValueError):

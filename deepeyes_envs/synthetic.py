@@ -382,6 +382,7 @@ def _distractors(
 # --- toy tasks ---------------------------------------------------------------------------------
 
 TOY_COLORS = ("red", "green", "blue", "yellow")
+FRAME_LAYOUTS = ("random", "quadrants")
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,11 @@ class ToyConfig:
     for the default 224) each mark is a 2 px smudge, so which one is the plus can't be seen and
     accuracy stays at chance; zooming into the frame makes it plain. ``difficulty`` shrinks the
     marks from 9 to 5 px.
+
+    ``frame_layout`` (zoom only) says where the frame goes: ``"random"`` (default) anywhere on the
+    image; ``"quadrants"`` centred in one of the four quadrants, so where to zoom is one of four
+    boxes. A tiny model can learn to pick one of four boxes from a 56x56 view (each of its 4 visual
+    tokens covers one quadrant) where regressing free coordinates is out of its reach.
     """
 
     kind: str = "color"
@@ -407,6 +413,7 @@ class ToyConfig:
     target_size: Optional[int] = None
     min_target: int = 4
     frame_size: int = 44
+    frame_layout: str = "random"
     data_source: str = "synthetic_toy"
     env_name: str = "visual_toolbox_v2"
 
@@ -421,6 +428,10 @@ class ToyConfig:
             raise ValueError("difficulty must be within [0, 1]")
         if self.kind == "zoom" and self.size < self.frame_size + 8:
             raise ValueError("zoom toy images must be larger than the frame")
+        if self.frame_layout not in FRAME_LAYOUTS:
+            raise ValueError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {self.frame_layout!r}")
+        if self.frame_layout == "quadrants" and self.size < 2 * self.frame_size + 4:
+            raise ValueError("frame_layout='quadrants' needs an image at least twice the frame (plus margins)")
 
     @property
     def colors(self) -> tuple[str, ...]:
@@ -477,7 +488,12 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
     shrunk they blur into equal smudges of their colours and only a zoom tells them apart.
     """
     f = cfg.frame_size
-    frame = _place(rng, cfg.size, cfg.size, f, f, margin=2)
+    if cfg.frame_layout == "quadrants":  # centred in quadrant q: left/right by q % 2, top/bottom by q // 2
+        q, half = int(rng.integers(4)), cfg.size // 2
+        x, y = (q % 2) * half + (half - f) // 2, (q // 2) * half + (half - f) // 2
+        frame = (x, y, x + f, y + f)
+    else:
+        frame = _place(rng, cfg.size, cfg.size, f, f, margin=2)
     border = max(1, f // 14)
     cell = (f - 2 * border) // 2
     side = max(3, min(cfg.target_side(), cell - 2))

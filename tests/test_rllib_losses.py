@@ -1,17 +1,30 @@
 """The learner's loss on real tiny-model batches: micro-batching is exact, masked tokens are inert,
-recomputed logprobs match the engine's, and SFT demonstrations tokenize like generations."""
+recomputed logprobs match the engine's, SFT demonstrations tokenize like generations, and PPO's value head
+learns from generated tokens only with the loss composed as documented."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
+from deepeyes_agent.algorithms import value_loss
 from deepeyes_agent.chat import EpisodeContext, VisionTokenizer
-from deepeyes_agent.data import TaskSchedule, demonstration
+from deepeyes_agent.data import TaskSchedule, demonstration, demonstrations
 from deepeyes_agent.models import load_policy
 from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, collate_episodes, micro_batches
-from deepeyes_agent.rllib.losses import LossSettings, rl_loss, sampled_token_stats, token_count
+from deepeyes_agent.rllib.losses import (
+    LossSettings,
+    critic_values,
+    forward_with_values,
+    last_hidden_state,
+    rl_loss,
+    rl_loss_from_logits,
+    sampled_token_stats,
+    token_count,
+)
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.train_config import EnvConfig
@@ -118,6 +131,23 @@ def test_demonstration_tokens_read_back_as_the_scripted_turns(policy):
     assert texts[1].endswith(f"<answer>{task.answer}</answer><|im_end|>")
 
 
+def test_demonstration_mix_zooms_in_a_seeded_share_of_episodes(policy):
+    _, processor = policy
+    tasks = [SyntheticTaskSource(n=8, seed=0, kind="toy_zoom")[i] for i in range(8)]
+    env = EnvConfig(env_id="visual_toolbox")
+
+    def zoomed(contexts):
+        return [len(c.generated_turns()) == 2 and len(c.images) == 2 for c in contexts]
+
+    mix = zoomed(demonstrations(tasks, env, processor, max_total_tokens=4000, zoom_fraction=0.25, seed=3))
+    assert sum(mix) == 2  # 2 of 8 zoom, the other 6 answer in one turn
+    assert mix == zoomed(demonstrations(tasks, env, processor, max_total_tokens=4000, zoom_fraction=0.25, seed=3))
+    assert all(zoomed(demonstrations(tasks[:3], env, processor, max_total_tokens=4000)))  # default: all zoom
+    assert not any(zoomed(demonstrations(tasks[:3], env, processor, max_total_tokens=4000, include_zoom=False)))
+    with pytest.raises(ValueError, match="zoom_fraction"):
+        demonstrations(tasks[:1], env, processor, zoom_fraction=1.5)
+
+
 def test_task_schedule_walks_epochs_and_restores():
     schedule = TaskSchedule(n=5, seed=1)
     first = schedule.take(3)
@@ -127,3 +157,94 @@ def test_task_schedule_walks_epochs_and_restores():
     again = TaskSchedule(n=5, seed=1)
     again.set_state(state)
     assert again.take(4) == rest
+
+
+# ---------------------------------------------------------------------------------------------- PPO's critic
+def _ppo_setup(model, episodes, vf_clip, lam=0.9):
+    """Copies of the episodes with a (random, nonzero) value head's old values, GAE advantages and returns."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.lm_head.in_features, 1)
+    ppo = [copy.copy(ep) for ep in episodes]
+    with torch.no_grad():
+        old = critic_values(head, last_hidden_state(model, collate_episodes(ppo)))
+    for b, ep in enumerate(ppo):
+        ep.values = old[b, :len(ep)].tolist()
+    assign_advantages(ppo, "gae", gamma=1.0, lam=lam)
+    settings = LossSettings(vf_coef=0.7, vf_clip=vf_clip)
+    return head, ppo, settings
+
+
+def test_gae_returns_are_the_outcome_and_advantages_are_whitened(policy, episodes):
+    model, _ = policy
+    _, ppo, _ = _ppo_setup(model, episodes, None, lam=1.0)
+    batch = collate_episodes(ppo)
+    mask = batch["loss_mask"].bool()
+    for b, ep in enumerate(ppo):  # gamma = lam = 1: every generated token's return is the trajectory's reward
+        assert torch.allclose(batch["returns"][b][mask[b]], torch.tensor(ep.reward), atol=1e-6)
+    assert (batch["returns"][~mask] == 0).all() and (batch["advantages"][~mask] == 0).all()
+    assert abs(float(batch["advantages"][mask].mean())) < 1e-5
+    assert float(batch["advantages"][mask].std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_value_head_learns_only_from_generated_tokens(policy, episodes):
+    model, processor = policy
+    suppress = VisionTokenizer(processor).vision_token_ids
+    head, ppo, settings = _ppo_setup(model, episodes, vf_clip=None)
+    batch = collate_episodes(ppo)
+    normalizer = token_count(ppo, "token-mean")
+
+    def head_grad(b):
+        head.zero_grad(set_to_none=True)
+        logits, values = forward_with_values(model, head, b)
+        loss, metrics = rl_loss_from_logits(logits, b, settings, suppress, normalizer, values=values)
+        loss.backward()
+        return loss.detach(), torch.cat([head.weight.grad.flatten(), head.bias.grad]), metrics
+
+    loss, grad, metrics = head_grad(batch)
+    assert metrics["value_loss"] > 0 and grad.abs().sum() > 0
+    # by hand: d/dw of vf_coef * 0.5 * sum_masked (V_t - R_t)^2 / N, V_t = w . h_{t-1} + b
+    with torch.no_grad():
+        hidden = last_hidden_state(model, batch)
+        hidden = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)  # the state of token t
+        error = (batch["old_values"] - batch["returns"]) * batch["loss_mask"]  # new values = old before a step
+        features = torch.cat([hidden, torch.ones_like(hidden[..., :1])], dim=-1)
+        expected = settings.vf_coef * torch.einsum("bt,bth->h", error, features) / normalizer
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+    # targets at masked-out positions (prompt, padding) change nothing
+    poisoned = dict(batch)
+    off = batch["loss_mask"] == 0
+    poisoned["old_values"] = batch["old_values"].masked_fill(off, float("nan"))
+    poisoned["returns"] = batch["returns"].masked_fill(off, 1e6)
+    loss2, grad2, _ = head_grad(poisoned)
+    assert torch.isfinite(loss2) and torch.allclose(loss, loss2) and torch.allclose(grad, grad2)
+
+
+def test_ppo_loss_is_policy_loss_plus_weighted_value_loss(policy, episodes):
+    model, processor = policy
+    suppress = VisionTokenizer(processor).vision_token_ids
+    head, ppo, settings = _ppo_setup(model, episodes, vf_clip=0.01)
+    batch = collate_episodes(ppo)
+    normalizer = token_count(ppo, "token-mean")
+    with torch.no_grad():
+        logits, values = forward_with_values(model, head, batch)
+        values = values + 0.05 * torch.randn_like(values)  # as after some steps: the clip is active somewhere
+        total, metrics = rl_loss_from_logits(logits, batch, settings, suppress, normalizer, values=values)
+        policy_only, _ = rl_loss_from_logits(logits, batch, settings, suppress, normalizer)
+        v_loss, v_metrics = value_loss(values, batch["old_values"], batch["returns"], batch["loss_mask"],
+                                       clip_range=0.01, normalizer=normalizer)
+    assert float(v_metrics["vf_clip_fraction"]) > 0
+    assert torch.allclose(total, policy_only + settings.vf_coef * v_loss, atol=1e-6)
+    assert metrics["value_loss"] == pytest.approx(float(v_loss) * normalizer, rel=1e-5)
+    # micro-batches still sum to the full-batch gradient, value head included
+    grads = []
+    for chunks in ([ppo], micro_batches(ppo, 4)):
+        model.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        for chunk in chunks:
+            b = collate_episodes(chunk)
+            logits, values = forward_with_values(model, head, b)
+            loss, _ = rl_loss_from_logits(logits, b, settings, suppress, normalizer, values=values)
+            loss.backward()
+        grads.append([p.grad.clone() for p in (head.weight, head.bias, model.lm_head.weight)])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -11,6 +11,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
+
 from deepeyes_agent.rllib.config import DeepEyesConfig  # noqa: E402
 from deepeyes_agent.train_config import load_config  # noqa: E402
 
@@ -109,9 +111,11 @@ def test_two_remote_env_runners_share_the_batch_and_survive_a_crash(ray_local, t
         algo.stop()
 
 
-def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir):
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])  # gae: the value head is all-reduced like the rest
+def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir, advantage):
     cfg = tiny_config(tiny_model_dir, "resources.num_learners=2", "resources.num_cpus_per_learner=1",
-                      "algorithm.minibatches=2", "sft.steps=1", "sft.batch_size=4", "sft.n_demos=8")
+                      "algorithm.minibatches=2", "sft.steps=1", "sft.batch_size=4", "sft.n_demos=8",
+                      f"algorithm.advantage={advantage}")
     algo = DeepEyesConfig.from_run_config(cfg).build_algo()
     try:
         ranks = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.node_and_rank())]
@@ -127,3 +131,39 @@ def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir):
         assert algo.last_metrics["optimizer_steps" if "optimizer_steps" in algo.last_metrics else "grad_norm"] > 0
     finally:
         algo.stop()
+
+
+def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir, tmp_path):
+    # a short SFT so that some answers are right or wrong (the random tiny model's rewards are all 0)
+    cfg = tiny_config(tiny_model_dir, "algorithm.advantage=gae", "algorithm.lam=0.95", "algorithm.minibatches=2",
+                      "sft.steps=8", "sft.batch_size=8", "sft.n_demos=16", "sft.lr=3e-3")
+    algo = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        head = algo.learner_group._learner.module[DEFAULT_MODULE_ID].value_head
+        assert head is not None and not head.weight.any()  # zero-initialised: V = 0 before training
+        algo.run_sft()
+        assert not head.weight.any()  # SFT trains the policy only
+        for _ in range(2):
+            algo.train()
+        metrics = algo.last_metrics
+        for key in ("value_loss", "vf_clip_fraction", "value_mean", "explained_variance", "time/values_s"):
+            assert key in metrics, key
+        assert metrics["value_loss"] > 0 and metrics["grad_norm"] > 0
+        trained = [t.detach().clone() for t in (head.weight, head.bias)]
+        assert trained[0].abs().sum() > 0, "the value head did not learn"
+        # env runners generate only: they get the policy's weights, not the critic's
+        policy = _params(algo)
+        assert all(torch.equal(a, b) for a, b in zip(policy, algo.env_runner.engine.model.parameters(), strict=True))
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    restored = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        restored.restore_from_path(path)
+        head = restored.learner_group._learner.module[DEFAULT_MODULE_ID].value_head
+        assert all(torch.equal(a, b) for a, b in zip(trained, (head.weight, head.bias), strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(policy, _params(restored), strict=True))
+        restored.train()  # and training goes on from there
+        assert restored.iteration == 3 and restored.last_metrics["value_loss"] > 0
+    finally:
+        restored.stop()

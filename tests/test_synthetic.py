@@ -165,6 +165,25 @@ def test_toy_zoom_task_needs_the_frame_crop():
     assert [b[2] - b[0] for b in sides] == [9, 5]
 
 
+def test_toy_zoom_quadrant_layout_puts_the_frame_in_one_of_four_places():
+    cfg = ToyConfig(kind="zoom", frame_layout="quadrants")
+    frames = {toy_task(2, i, cfg).gt_boxes[0] for i in range(40)}
+    assert frames == {(34.0, 34.0, 78.0, 78.0), (146.0, 34.0, 190.0, 78.0),
+                      (34.0, 146.0, 78.0, 190.0), (146.0, 146.0, 190.0, 190.0)}
+    task = toy_task(2, 0, cfg)
+    image = task.load_images()[0]
+    x1, y1, x2, y2 = (int(v) for v in task.gt_boxes[0])
+    assert np.all(image[y1, x1:x2] == 0) and np.all(image[y1:y2, x1] == 0)  # the frame's border is drawn there
+    target = task.extra["target_box"]
+    assert x1 < target[0] and target[2] < x2 and y1 < target[1] and target[3] < y2  # the plus is inside
+    default = [toy_task(2, i, ToyConfig(kind="zoom")).gt_boxes[0] for i in range(10)]
+    assert len(set(default)) > 4  # the default layout still places the frame anywhere
+    with pytest.raises(ValueError, match="frame_layout"):
+        ToyConfig(kind="zoom", frame_layout="corners")
+    with pytest.raises(ValueError, match="twice the frame"):
+        ToyConfig(kind="zoom", frame_layout="quadrants", size=80)
+
+
 def test_synthetic_source_is_a_task_source_and_samples_reproducibly():
     src = SyntheticTaskSource(50, seed=0, kind="toy")
     assert isinstance(src, TaskSource) and len(src) == 50

@@ -46,6 +46,14 @@ def test_wrong_types_and_bad_combinations_are_errors():
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=ppo2"])
     with pytest.raises(ConfigError, match="group baseline"):
         load_config(None, ["model.build_tiny=true", "rollout.rollouts_per_prompt=1"])
+    with pytest.raises(ConfigError, match="vf_clip"):
+        load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "algorithm.vf_clip=0"])
+    with pytest.raises(ConfigError, match="lam"):
+        load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "algorithm.lam=1.5"])
+    # PPO needs no group: one rollout per task is fine, and the value clip can be switched off
+    ppo = load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "rollout.rollouts_per_prompt=1",
+                             "algorithm.vf_clip=null"])
+    assert ppo.algorithm.vf_clip is None and ppo.algorithm.vf_coef == 0.5
     with pytest.raises(ConfigError, match="model.path"):
         load_config(None, [])
 

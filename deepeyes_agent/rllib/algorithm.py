@@ -4,7 +4,8 @@
 
     tasks   = next prompts from the seeded schedule (the driver owns the data position)
     results = env runners play rollouts_per_prompt episodes of each task (generate, tools, judge)
-    advantages over the whole batch (GRPO groups, RLOO, REINFORCE++ whitening)
+    PPO only: the learners' critic scores the batch (values before the update)
+    advantages over the whole batch (GRPO groups, RLOO, REINFORCE++ whitening, PPO's GAE)
     learners: one optimizer step per minibatch, gradients all-reduced across learners
     weights -> env runners (RLlib's sync_weights)
 
@@ -25,8 +26,9 @@ import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 
+from deepeyes_agent.algorithms import masked_var
 from deepeyes_agent.data import TaskSchedule, demonstrations, make_task_source
-from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, split_even
+from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
 from deepeyes_agent.rllib.config import DeepEyesConfig
 from deepeyes_agent.rllib.losses import token_count
 
@@ -49,6 +51,16 @@ def batch_metrics(episodes: Sequence[PackedEpisode], prefix: str = "") -> dict[s
     invalid = sum(e.metrics.get("invalid_calls", 0.0) for e in episodes)
     out[f"{prefix}invalid_call_rate"] = invalid / calls if calls else 0.0
     return out
+
+
+def explained_variance(episodes: Sequence[PackedEpisode]) -> float:
+    """PPO: 1 - Var(returns - values) / Var(returns) over generated tokens (1: perfect critic, <= 0: useless)."""
+    mask = padded_loss_mask(episodes)
+    returns = padded(episodes, "returns")
+    var_returns = float(masked_var(returns, mask))
+    if var_returns == 0.0:
+        return float("nan")
+    return 1.0 - float(masked_var(returns - padded(episodes, "values"), mask)) / var_returns
 
 
 class DeepEyesAlgorithm(Algorithm):
@@ -109,17 +121,24 @@ class DeepEyesAlgorithm(Algorithm):
             "sample", kwargs=calls, remote_worker_ids=used, local_env_runner=False,
             timeout_seconds=self.config.deepeyes.resources.sample_timeout_s)
 
-    def _learner_call(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[dict[str, float]]:
+    def _learner_call(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[Any]:
         """Call ``method(shard, **kwargs)`` on every learner, learner r getting ``shards[r]``."""
         if self.learner_group.is_local:
             return [getattr(self.learner_group._learner, method)(shards[0], **kwargs)]
         refs = [ray.put(s) for s in shards]
 
-        def call(learner: Any, refs: list, kwargs: dict) -> dict[str, float]:
+        def call(learner: Any, refs: list, kwargs: dict) -> Any:
             return getattr(learner, method)(ray.get(refs[learner.rank]), **kwargs)
 
         results = self.learner_group.foreach_learner(call, refs=refs, kwargs=kwargs)
         return [r.get() for r in results]
+
+    def attach_old_values(self, episodes: Sequence[PackedEpisode]) -> None:
+        """PPO: every episode's per-token values under the critic before the update (learners score shards)."""
+        shards = split_even(list(episodes), max(1, self.config.num_learners))
+        values = [v for result in self._learner_call("critic_values", shards) for v in result]
+        for episode, episode_values in zip(episodes, values, strict=True):
+            episode.values = episode_values
 
     def update_policy(self, episodes: Sequence[PackedEpisode], lr: float) -> dict[str, float]:
         """Split the batch into minibatches x learners and run the optimizer steps; returns summed metrics."""
@@ -165,8 +184,13 @@ class DeepEyesAlgorithm(Algorithm):
         if not episodes:
             raise RuntimeError("no episodes came back from the env runners")
 
+        start = time.perf_counter()
+        ppo = run.algorithm.advantage == "gae"
+        if ppo:
+            self.attach_old_values(episodes)
+            timings["values_s"] = time.perf_counter() - start
         assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
-                          gamma=run.algorithm.gamma)
+                          gamma=run.algorithm.gamma, lam=run.algorithm.lam)
         start = time.perf_counter()
         lr = self.current_lr()
         stats = self.update_policy(episodes, lr)
@@ -191,6 +215,13 @@ class DeepEyesAlgorithm(Algorithm):
             "env_runners": float(len(results)),
             **{f"time/{k}": v for k, v in timings.items()},
         }
+        if ppo:
+            metrics.update({
+                "value_loss": stats.get("value_loss", 0.0) / tokens,
+                "vf_clip_fraction": stats.get("vf_clip_fraction_sum", 0.0) / tokens,
+                "value_mean": stats.get("value_sum", 0.0) / tokens,
+                "explained_variance": explained_variance(episodes),
+            })
         judge_stats: dict[str, float] = {}
         for r in results:
             for k, v in (r.get("judge_stats") or {}).items():
@@ -226,7 +257,8 @@ class DeepEyesAlgorithm(Algorithm):
         rng = np.random.default_rng([run.seed, 17])
         picks = rng.choice(len(source), size=min(run.sft.n_demos, len(source)), replace=False)
         contexts = demonstrations([source[int(i)] for i in picks], run.env, processor,
-                                  include_zoom=run.sft.include_zoom, max_total_tokens=run.rollout.max_total_tokens)
+                                  include_zoom=run.sft.include_zoom, max_total_tokens=run.rollout.max_total_tokens,
+                                  zoom_fraction=run.sft.zoom_fraction, seed=run.seed)
         demos = [PackedEpisode.from_context(c) for c in contexts]
         n_learners = max(1, self.config.num_learners)
         history = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from deepeyes_agent.algorithms import compute_advantages
+from deepeyes_agent.algorithms import compute_advantages, masked_whiten
 from deepeyes_agent.chat import collate
 
 
@@ -43,6 +43,8 @@ class PackedEpisode:
     group_id: Hashable = 0
     task_id: str = ""
     advantages: list[float] | None = None  # per token, filled by the driver
+    values: list[float] | None = None  # PPO: the critic's per-token values before the update
+    returns: list[float] | None = None  # PPO: per-token targets of the value loss
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -75,30 +77,48 @@ def padded_loss_mask(episodes: Sequence[PackedEpisode]) -> torch.Tensor:
     return mask
 
 
+def padded(episodes: Sequence[PackedEpisode], attribute: str) -> torch.Tensor:
+    """[B, T] float32 of a per-token attribute (``advantages``, ``values``, ``returns``), right-padded with 0."""
+    out = torch.zeros(len(episodes), max(len(e) for e in episodes), dtype=torch.float32)
+    for b, ep in enumerate(episodes):
+        if getattr(ep, attribute) is not None:
+            out[b, :len(ep)] = torch.tensor(getattr(ep, attribute), dtype=torch.float32)
+    return out
+
+
 def assign_advantages(episodes: Sequence[PackedEpisode], estimator: str, *, norm_by_std: bool = True,
-                      gamma: float = 1.0) -> None:
+                      gamma: float = 1.0, lam: float = 1.0) -> None:
     """Compute advantages over the whole batch (groups need all their members) and store them per token.
 
     Runs on the driver, before the batch is split across learners: GRPO's group baseline and
-    REINFORCE++'s batch whitening both need the full batch.
+    REINFORCE++'s batch whitening both need the full batch. ``gae`` (PPO) reads each episode's ``values``
+    (the critic before the update) and puts the outcome reward on the last generated token; its returns
+    are stored as the value targets, its advantages whitened over the batch's generated tokens (the critic
+    starts at 0, so without it the first iterations would have no baseline at all).
     """
     mask = padded_loss_mask(episodes)
     scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
-    advantages, _ = compute_advantages(estimator, loss_mask=mask, scores=scores,
-                                       group_ids=[e.group_id for e in episodes], norm_by_std=norm_by_std,
-                                       gamma=gamma)
+    values = padded(episodes, "values") if estimator == "gae" else None
+    advantages, returns = compute_advantages(estimator, loss_mask=mask, scores=scores,
+                                             group_ids=[e.group_id for e in episodes], values=values,
+                                             norm_by_std=norm_by_std, gamma=gamma, lam=lam)
+    if estimator == "gae":
+        advantages = masked_whiten(advantages, mask)
     for b, ep in enumerate(episodes):
         ep.advantages = advantages[b, :len(ep)].tolist()
+        if estimator == "gae":
+            ep.returns = returns[b, :len(ep)].tolist()
 
 
 def collate_episodes(episodes: Sequence[PackedEpisode], device: str | torch.device | None = None) -> dict:
-    """``chat.collate`` of the episodes plus their per-token ``advantages`` [B, T] (0 on padding)."""
+    """``chat.collate`` of the episodes plus their per-token ``advantages`` [B, T] (0 on padding), and with a
+    critic the ``old_values`` and ``returns`` of PPO's value loss."""
     batch = collate(episodes, device=device)
-    adv = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-    for b, ep in enumerate(episodes):
-        if ep.advantages is not None:
-            adv[b, :len(ep)] = torch.tensor(ep.advantages, dtype=torch.float32)
-    batch["advantages"] = adv.to(batch["input_ids"].device)
+    device = batch["input_ids"].device
+    batch["advantages"] = padded(episodes, "advantages").to(device)
+    if all(ep.returns is not None for ep in episodes):
+        batch["old_values"] = padded(episodes, "values").to(device)
+        batch["returns"] = padded(episodes, "returns").to(device)
     return batch
 
 

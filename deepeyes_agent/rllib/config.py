@@ -57,7 +57,8 @@ class DeepEyesConfig(AlgorithmConfig):
         model = self.deepeyes.model
         return RLModuleSpec(module_class=QwenVLModule, model_config={
             "path": model.path, "dtype": model.dtype, "attn_implementation": model.attn_implementation,
-            "gradient_checkpointing": model.gradient_checkpointing})
+            "gradient_checkpointing": model.gradient_checkpointing,
+            "value_head": self.deepeyes.algorithm.advantage == "gae"})
 
     # ------------------------------------------------------------------ builder methods
     def _set(self, section: str, **values: Any) -> DeepEyesConfig:
@@ -92,13 +93,19 @@ class DeepEyesConfig(AlgorithmConfig):
     def training(self, *, advantage: str = NotProvided, clip_ratio_low: float = NotProvided,
                  clip_ratio_high: float = NotProvided, loss_agg: str = NotProvided, kl_coef: float = NotProvided,
                  entropy_coef: float = NotProvided, micro_batch_size: int = NotProvided,
+                 lam: float = NotProvided, vf_coef: float = NotProvided, vf_clip: float = NotProvided,
                  weight_decay: float = NotProvided, grad_clip: float = NotProvided, **kwargs: Any) -> DeepEyesConfig:
-        """The algorithm and optimizer; RLlib's own ``training`` arguments (``lr``, ...) pass through."""
+        """The algorithm and optimizer; RLlib's own ``training`` arguments (``lr``, ``gamma``, ...) pass through.
+
+        PPO: ``advantage="gae"`` with ``gamma``, ``lam``, ``vf_coef``, ``vf_clip``.
+        """
         super().training(**kwargs)
-        if kwargs.get("lr", NotProvided) is not NotProvided:
-            self._set("optim", lr=kwargs["lr"])
+        for name, section in (("lr", "optim"), ("gamma", "algorithm")):
+            if kwargs.get(name, NotProvided) is not NotProvided:
+                self._set(section, **{name: kwargs[name]})
         self._set("algorithm", advantage=advantage, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
-                  loss_agg=loss_agg, kl_coef=kl_coef, entropy_coef=entropy_coef, micro_batch_size=micro_batch_size)
+                  loss_agg=loss_agg, kl_coef=kl_coef, entropy_coef=entropy_coef, micro_batch_size=micro_batch_size,
+                  lam=lam, vf_coef=vf_coef, vf_clip=vf_clip)
         return self._set("optim", weight_decay=weight_decay, grad_clip=grad_clip)
 
     def run_config(self, run: TrainConfig) -> DeepEyesConfig:

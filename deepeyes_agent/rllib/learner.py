@@ -3,6 +3,7 @@
 One optimizer step, as it runs on every learner at once::
 
     for each micro-batch of my shard:   loss = rl_loss(...) / global normalizer;  loss.backward()
+                                        # (+ vf_coef * value loss with PPO's critic, same forward)
     all-reduce (sum) the gradients over learners         # data parallel, gloo on CPU, nccl on GPU
     clip the global gradient norm;  AdamW step
 
@@ -44,7 +45,7 @@ class LLMLearner(TorchLearner):
         self.ref_model: torch.nn.Module | None = None
         self._sft_optimizer: torch.optim.Optimizer | None = None
         if self.world_size > 1:  # same start everywhere, whatever each process loaded
-            for p in self.model.parameters():
+            for p in self.trainable_parameters:
                 dist.broadcast(p.data, src=0)
         if run.algorithm.kl_coef:
             self.snapshot_reference()
@@ -65,6 +66,11 @@ class LLMLearner(TorchLearner):
         return self.module[DEFAULT_MODULE_ID].model
 
     @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the RL optimizer trains: the policy and, with PPO, its value head."""
+        return [p for p in self.module[DEFAULT_MODULE_ID].parameters() if p.requires_grad]
+
+    @property
     def world_size(self) -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -82,14 +88,16 @@ class LLMLearner(TorchLearner):
         a = run.algorithm
         return LossSettings(temperature=run.rollout.temperature, clip_ratio_low=a.clip_ratio_low,
                             clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, loss_agg=a.loss_agg,
-                            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
+                            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+                            vf_coef=a.vf_coef, vf_clip=a.vf_clip)
 
     def compute_loss_for_module(self, *, module_id: str, config: Any = None, batch: dict[str, Any],
                                 fwd_out: dict[str, Any]) -> torch.Tensor:
-        """RLlib's loss hook: the clipped policy loss (+ KL, - entropy) of one collated micro-batch.
+        """RLlib's loss hook: the clipped policy loss (+ KL, - entropy, + value loss) of one collated micro-batch.
 
         ``batch`` is ``collate_episodes`` output plus ``normalizer`` (the step's global token count);
-        ``fwd_out["logits"]`` comes from the module's ``forward_train``. Metrics go to ``_loss_metrics``.
+        ``fwd_out`` (``logits``, with a critic ``values``) comes from the module's ``forward_train``.
+        Metrics go to ``_loss_metrics``.
         """
         settings = self.loss_settings
         ref_logprobs = None
@@ -98,7 +106,7 @@ class LLMLearner(TorchLearner):
                 ref_logprobs, _ = sampled_token_stats(self.ref_model, batch, settings.temperature,
                                                       self.suppress_token_ids, with_entropy=False)
         loss, self._loss_metrics = rl_loss_from_logits(fwd_out["logits"], batch, settings, self.suppress_token_ids,
-                                                       float(batch["normalizer"]), ref_logprobs)
+                                                       float(batch["normalizer"]), ref_logprobs, fwd_out.get("values"))
         return loss
 
     # ------------------------------------------------------------------ one optimizer step
@@ -130,7 +138,7 @@ class LLMLearner(TorchLearner):
         """
         run = self.config.deepeyes
         optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.trainable_parameters
         self.model.train()
         totals: dict[str, float] = {}
         grad_norms = []
@@ -152,6 +160,20 @@ class LLMLearner(TorchLearner):
         totals["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         totals["optimizer_steps"] = float(len(grad_norms))
         return totals
+
+    def critic_values(self, episodes: Sequence[PackedEpisode]) -> list[list[float]]:
+        """PPO: the value head's per-token values of my episodes under the current (pre-update) model.
+
+        A backbone forward without gradients or LM head; the GAE advantages and value targets of the update
+        are computed from these on the driver.
+        """
+        run = self.config.deepeyes
+        module = self.module[DEFAULT_MODULE_ID]
+        out: list[list[float]] = []
+        for chunk in micro_batches(episodes, run.algorithm.micro_batch_size):
+            values = module.compute_values(collate_episodes(chunk, device=self._device)).cpu()
+            out.extend(values[b, :len(ep)].tolist() for b, ep in enumerate(chunk))
+        return out
 
     def sft_update(self, episodes: Sequence[PackedEpisode], normalizer: float, lr: float) -> dict[str, float]:
         """One supervised step on demonstrations (its own AdamW, so RL starts with a fresh optimizer state)."""
@@ -179,7 +201,7 @@ class LLMLearner(TorchLearner):
 
     def parameter_checksum(self) -> list[float]:
         """Sum of every parameter tensor, in order: equal lists mean (numerically) identical learners."""
-        return [float(p.detach().double().sum()) for p in self.model.parameters()]
+        return [float(p.detach().double().sum()) for p in self.trainable_parameters]
 
     def node_and_rank(self) -> tuple[str, int, int]:
         import ray

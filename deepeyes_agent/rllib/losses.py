@@ -3,9 +3,11 @@
 Read it top to bottom: a forward pass gives logits; logits become the log-probabilities of the tokens that
 were sampled, under the same distribution the engine sampled from (temperature, vision tokens removed);
 the clipped policy-gradient loss, the optional KL to a frozen reference and the optional entropy bonus
-are taken over generated tokens only (``loss_mask`` 1). Every term is divided by a ``normalizer`` that the
-caller computes over the whole optimizer step (all micro-batches, all learners), so that summing the
-gradients of micro-batches and learners gives exactly the gradient of the full-batch loss.
+are taken over generated tokens only (``loss_mask`` 1). With PPO (``algorithm.advantage: gae``) a linear
+value head reads the same forward's last hidden state and its clipped value loss joins the total. Every term
+is divided by a ``normalizer`` that the caller computes over the whole optimizer step (all micro-batches, all
+learners), so that summing the gradients of micro-batches and learners gives exactly the gradient of the
+full-batch loss.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepeyes_agent.algorithms import aggregate_loss, entropy_from_logits, kl_penalty, masked_sum, policy_loss
+from deepeyes_agent.algorithms import (
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    masked_sum,
+    policy_loss,
+    value_loss,
+)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 # A finite "minus infinity": removes suppressed tokens from softmax without 0 * inf = NaN in the entropy.
@@ -36,6 +45,8 @@ class LossSettings:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+    vf_coef: float = 0.5
+    vf_clip: float | None = 0.2
 
 
 def token_stats_from_logits(logits: Tensor, input_ids: Tensor, temperature: float,
@@ -62,6 +73,33 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**{k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}, use_cache=False).logits
 
 
+def values_per_token(state_values: Tensor) -> Tensor:
+    """Critic outputs ``[B, T]`` (entry i: value after reading token i) -> the value of the state each token
+    was sampled in: entry i becomes V(tokens before i), entry 0 is 0. Same convention as the logprobs."""
+    return torch.cat([torch.zeros_like(state_values[:, :1]), state_values[:, :-1]], dim=1)
+
+
+def last_hidden_state(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """The backbone alone (vision tower + language model, no LM head): the last, normed hidden state [B, T, H]."""
+    inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+def critic_values(value_head: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """Per-token values [B, T] from the last hidden state (in float32 whatever the model's dtype)."""
+    return values_per_token(value_head(hidden.float()).squeeze(-1))
+
+
+def forward_with_values(model: torch.nn.Module, value_head: torch.nn.Module | None,
+                        batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The training forward: logits [B, T, V] and, with a value head, per-token values [B, T] (else None).
+
+    One pass through the backbone; the LM head and the value head both read its last hidden state.
+    """
+    hidden = last_hidden_state(model, batch)
+    return model.lm_head(hidden), None if value_head is None else critic_values(value_head, hidden)
+
+
 def sampled_token_stats(model: torch.nn.Module, batch: dict[str, Tensor], temperature: float,
                         suppress_token_ids: Sequence[int], with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """Forward pass + :func:`token_stats_from_logits`."""
@@ -71,12 +109,15 @@ def sampled_token_stats(model: torch.nn.Module, batch: dict[str, Tensor], temper
 
 def rl_loss_from_logits(logits: Tensor, batch: dict[str, Tensor], settings: LossSettings,
                         suppress_token_ids: Sequence[int], normalizer: float,
-                        ref_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                        ref_logprobs: Tensor | None = None, values: Tensor | None = None,
+                        ) -> tuple[Tensor, dict[str, float]]:
     """The loss of one micro-batch (a share of the full-batch loss) and its metrics (sums over tokens).
 
-    loss = policy_loss + kl_coef * KL(policy || reference) - entropy_coef * entropy, each aggregated with
-    ``settings.loss_agg`` and divided by ``normalizer``. ``batch`` is ``collate_episodes`` output
-    (``loss_mask``, ``old_logprobs``, ``advantages``); ``ref_logprobs`` is needed when ``kl_coef`` is set.
+    loss = policy_loss + kl_coef * KL(policy || reference) - entropy_coef * entropy [+ vf_coef * value_loss],
+    each aggregated with ``settings.loss_agg`` and divided by ``normalizer``. ``batch`` is ``collate_episodes``
+    output (``loss_mask``, ``old_logprobs``, ``advantages``; with a critic also ``old_values``, ``returns``);
+    ``ref_logprobs`` is needed when ``kl_coef`` is set; ``values`` (the critic's, with grad) add the clipped
+    value loss of PPO.
     """
     mask = batch["loss_mask"]
     logprobs, entropy = token_stats_from_logits(logits, batch["input_ids"], settings.temperature, suppress_token_ids)
@@ -101,6 +142,13 @@ def rl_loss_from_logits(logits: Tensor, batch: dict[str, Tensor], settings: Loss
         kl = kl_penalty(logprobs, ref_logprobs, mask, settings.kl_estimator)
         loss = loss + settings.kl_coef * aggregate_loss(kl, mask, settings.loss_agg, normalizer)
         metrics["kl_sum"] = float(masked_sum(kl.detach(), mask))
+    if values is not None:
+        v_loss, v_metrics = value_loss(values, batch["old_values"], batch["returns"], mask,
+                                       clip_range=settings.vf_clip, agg_mode=settings.loss_agg, normalizer=normalizer)
+        loss = loss + settings.vf_coef * v_loss
+        metrics["value_loss"] = float(v_loss.detach()) * normalizer
+        metrics["vf_clip_fraction_sum"] = float(v_metrics["vf_clip_fraction"]) * n_tokens
+        metrics["value_sum"] = float(v_metrics["value_mean"]) * n_tokens
     return loss, metrics
 
 

@@ -1,8 +1,13 @@
-"""The policy as an RLlib ``TorchRLModule``: a Qwen-VL model from a local directory.
+"""The policy as an RLlib ``TorchRLModule``: a Qwen-VL model from a local directory, plus PPO's value head.
 
 RLlib's learners own an RLModule (its parameters, its optimizer, its checkpoint); this one wraps the
 transformers model. Its state is the model's state dict as CPU torch tensors (RLlib's default converts to
 numpy, which has no bfloat16), which is also what env runners load into their generation engines.
+
+With ``model_config["value_head"]`` (PPO: ``algorithm.advantage: gae``) the module also holds the critic: one
+linear layer from the last hidden state to a scalar, zero-initialised so that V starts at 0 everywhere. Its
+weights are part of the module's state (``value_head.weight``, ``value_head.bias``), so checkpoints hold them,
+but not of the inference-only state that ``sync_weights`` sends to env runners, which only generate.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from deepeyes_agent.models import load_model
+from deepeyes_agent.rllib.losses import critic_values, forward_with_values, last_hidden_state
+
+VALUE_HEAD = "value_head."  # prefix of the critic's entries in the module state
 
 
 class QwenVLModule(TorchRLModule):
-    """``model_config``: ``path`` (local model dir), ``dtype``, ``attn_implementation``, ``gradient_checkpointing``."""
+    """``model_config``: ``path`` (local model dir), ``dtype``, ``attn_implementation``, ``gradient_checkpointing``,
+    ``value_head`` (add the PPO critic)."""
 
     def setup(self) -> None:
         cfg = self.model_config or {}
@@ -25,14 +34,32 @@ class QwenVLModule(TorchRLModule):
         if cfg.get("gradient_checkpointing"):
             self.model.gradient_checkpointing_enable()
         self.model.config.use_cache = False
+        self.value_head: torch.nn.Linear | None = None
+        if cfg.get("value_head"):
+            self.value_head = torch.nn.Linear(self.model.lm_head.in_features, 1)  # float32 whatever the model
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-        return {"logits": self.model(**{k: batch[k] for k in keys if batch.get(k) is not None}).logits}
+        logits, values = forward_with_values(self.model, self.value_head, batch)
+        return {"logits": logits} if values is None else {"logits": logits, "values": values}
+
+    @torch.no_grad()
+    def compute_values(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The critic's per-token values [B, T] of a collated batch: no gradient, no LM head."""
+        return critic_values(self.value_head, last_hidden_state(self.model, batch))
 
     def get_state(self, components: Any = None, *, not_components: Any = None, inference_only: bool = False,
                   **kwargs: Any) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.value_head is not None and not inference_only:
+            state.update({VALUE_HEAD + k: v.detach().to("cpu", copy=True)
+                          for k, v in self.value_head.state_dict().items()})
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+        tensors = {k: torch.as_tensor(v) for k, v in state.items()}
+        head = {k[len(VALUE_HEAD):]: tensors.pop(k) for k in list(tensors) if k.startswith(VALUE_HEAD)}
+        self.model.load_state_dict(tensors, strict=True)
+        if self.value_head is not None:
+            self.value_head.load_state_dict(head, strict=True)
