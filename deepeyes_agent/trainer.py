@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
         bar.close()
         report = None
         if cfg.logging.report:
-            from deepeyes_agent.report import write_report
+            from deepeyes_agent.run_report import write_report
 
             report = write_report(run_dir, cfg.to_dict())
             echo(f"report: {report}")
