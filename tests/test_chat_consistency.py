@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deepeyes_agent.chat import EpisodeContext, PromptTooLongError, VisionTokenizer, collate
-from deepeyes_agent.models import load_policy, token_logprobs
+from deepeyes_agent.models import token_logprobs
 from deepeyes_agent.rollout.engine import Generation, SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_envs.messages import (
@@ -26,11 +26,6 @@ from deepeyes_envs.messages import (
 
 torch.set_num_threads(2)
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ import torch
 from test_chat_consistency import error_observation, play, synthetic_image, zoom_observation
 
 from deepeyes_agent.chat import collate
-from deepeyes_agent.models import load_policy, token_logprobs
+from deepeyes_agent.models import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 
 torch.set_num_threads(2)
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 def plan() -> tuple[list[list[tuple]], list]:

@@ -13,7 +13,6 @@ import torch
 from deepeyes_agent.algorithms import value_loss
 from deepeyes_agent.chat import EpisodeContext, VisionTokenizer
 from deepeyes_agent.data import TaskSchedule, demonstration, demonstrations
-from deepeyes_agent.models import load_policy
 from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, collate_episodes, micro_batches
 from deepeyes_agent.rllib.losses import (
     LossSettings,
@@ -32,11 +31,6 @@ from deepeyes_envs.messages import image_part, message
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepeyes_agent.chat import collate
-from deepeyes_agent.models import load_policy, token_logprobs
+from deepeyes_agent.models import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.rollout.loop import run_env_episodes, run_episodes
@@ -21,11 +21,6 @@ from deepeyes_envs.synthetic import SyntheticTaskSource
 
 torch.set_num_threads(2)
 PARAMS = SamplingParams(max_tokens=6, stop=())
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

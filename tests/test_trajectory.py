@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepeyes_agent.models import load_policy
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.rollout.loop import run_episodes
@@ -14,11 +13,6 @@ from deepeyes_agent.trajectory import load_trajectories, messages_equal, replay,
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from deepeyes_agent.chat import EpisodeContext, VisionTokenizer, collate
-from deepeyes_agent.models import load_policy, token_logprobs
+from deepeyes_agent.models import token_logprobs
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 from deepeyes_agent.rollout.vllm_engine import (
     VLLMEngine,
@@ -154,11 +154,6 @@ def training_logprob_diff(model, contexts: list[EpisodeContext], temperature: fl
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
-
-
 @pytest.fixture(scope="module")
 def local_run(vllm_python, tiny_model_dir, tmp_path_factory) -> dict:
     """The in-venv script's output: vLLM in-process in the vllm venv, episodes played, turns recorded."""
