@@ -133,6 +133,56 @@ def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir, advan
         algo.stop()
 
 
+def _learner_weights(algo) -> dict[str, torch.Tensor]:
+    algo.stage_learner_state()
+    return algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+
+
+def test_fsdp2_learners_match_unsharded_learners_and_share_checkpoints(ray_local, tiny_model_dir, tmp_path):
+    overrides = ["resources.num_learners=2", "resources.num_cpus_per_learner=1", "algorithm.minibatches=2",
+                 "sft.steps=1", "sft.batch_size=4", "sft.n_demos=8", "algorithm.entropy_coef=0.01"]
+    sharded_cfg = tiny_config(tiny_model_dir, *overrides, "resources.learner_sharding=fsdp2")
+    algo = DeepEyesConfig.from_run_config(sharded_cfg).build_algo()
+    try:
+        start = _learner_weights(algo)
+        algo.run_sft()
+        algo.train()
+        assert algo.last_metrics["grad_norm"] > 0
+        sharded = _learner_weights(algo)
+        assert set(sharded) == set(start) and all(v.shape == start[k].shape for k, v in sharded.items())
+        # the env runner got the full weights
+        engine = algo.env_runner.engine.model.state_dict()
+        assert all(torch.equal(engine[k], v) for k, v in sharded.items())
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    plain = DeepEyesConfig.from_run_config(tiny_config(tiny_model_dir, *overrides)).build_algo()
+    try:
+        assert all(torch.equal(v, start[k]) for k, v in _learner_weights(plain).items())
+        plain.run_sft()
+        plain.train()
+        unsharded = _learner_weights(plain)
+        for k, v in unsharded.items():  # same start, same data: the same update up to float32 rounding
+            assert torch.allclose(v, sharded[k], rtol=1e-5, atol=1e-5), k
+        assert any(not torch.equal(v, start[k]) for k, v in unsharded.items())
+        plain.restore_from_path(path)  # an FSDP2 checkpoint loads into unsharded learners
+        assert all(torch.equal(v, sharded[k]) for k, v in _learner_weights(plain).items())
+        plain.train()
+        assert plain.iteration == 2
+        trained = _learner_weights(plain)
+        path = plain.save_to_path(str(tmp_path / "ckpt-plain"))
+    finally:
+        plain.stop()
+    resharded = DeepEyesConfig.from_run_config(sharded_cfg).build_algo()
+    try:  # and the other way: an unsharded checkpoint (module and AdamW state) loads into FSDP2 learners
+        resharded.restore_from_path(path)
+        assert all(torch.equal(v, trained[k]) for k, v in _learner_weights(resharded).items())
+        resharded.train()
+        assert resharded.iteration == 3 and resharded.last_metrics["grad_norm"] > 0
+    finally:
+        resharded.stop()
+
+
 def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir, tmp_path):
     # a short SFT so that some answers are right or wrong (the random tiny model's rewards are all 0)
     cfg = tiny_config(tiny_model_dir, "algorithm.advantage=gae", "algorithm.lam=0.95", "algorithm.minibatches=2",

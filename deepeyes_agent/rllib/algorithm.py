@@ -81,9 +81,17 @@ class DeepEyesAlgorithm(Algorithm):
         self.sync_policy_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
+    def stage_learner_state(self) -> None:
+        """FSDP2 learners: gather the full state on every learner, so that RLlib can read it from one of them
+        (a weight sync or a checkpoint). Without sharding nothing happens."""
+        if self.config.deepeyes.resources.learner_sharding == "fsdp2" and not self.learner_group.is_local:
+            for r in self.learner_group.foreach_learner(lambda learner: learner.stage_full_state()):
+                r.get()
+
     def sync_policy_weights(self) -> float:
         """Send the learners' weights to every env runner; returns the seconds it took."""
         start = time.perf_counter()
+        self.stage_learner_state()
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
         return time.perf_counter() - start
 
@@ -92,6 +100,7 @@ class DeepEyesAlgorithm(Algorithm):
         restored = env_runner_group.probe_unhealthy_env_runners()
         if restored:
             self._counters["total_num_restored_workers"] += len(restored)
+            self.stage_learner_state()
             env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
                                           to_worker_indices=restored)
         return restored
@@ -284,6 +293,7 @@ class DeepEyesAlgorithm(Algorithm):
 
     # ------------------------------------------------------------------ checkpoint state
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        self.stage_learner_state()
         state = super().get_state(components, not_components=not_components, **kwargs)
         state[STATE_KEY] = {
             "schedule": self.schedule.get_state(), "sft_done": self.sft_done,

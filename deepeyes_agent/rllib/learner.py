@@ -11,8 +11,15 @@ Data parallelism is an explicit gradient all-reduce after accumulation rather th
 ``TorchDDPRLModule`` wrapper: micro-batches have different lengths and counts, the loss is normalised over
 the whole step (all learners), and one all-reduce per optimizer step is all DDP would do under
 ``no_sync`` anyway. Parameters start identical (rank 0 broadcasts them) and stay identical because every
-learner applies the same summed gradient. Fully sharded training (FSDP2) is not provided: RLlib's
-learner API keeps a full module per learner, and see docs/cluster.md for the limits this sets.
+learner applies the same summed gradient.
+
+With ``resources.learner_sharding: fsdp2`` (and 2+ learners) the model is instead sharded with PyTorch FSDP2
+(``fully_shard`` on every decoder layer and vision block, then on the backbone, the LM head and the value
+head): FSDP2 reduce-scatters the summed gradients itself, once per optimizer step (gradient sync is off for
+all but the last micro-batch), and ``clip_grad_norm_`` works on the sharded (DTensor) gradients. RLlib reads
+the module and optimizer state from one learner only, so the algorithm first has every learner gather the
+full (unsharded) state (``stage_full_state``, a collective); learner 0 then hands out that full state, so
+checkpoints and weight syncs look exactly as without sharding.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 import torch.distributed as dist
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes, micro_batches
 from deepeyes_agent.rllib.losses import LossSettings, rl_loss_from_logits, sampled_token_stats, sft_loss
@@ -44,17 +52,52 @@ class LLMLearner(TorchLearner):
             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
         self.ref_model: torch.nn.Module | None = None
         self._sft_optimizer: torch.optim.Optimizer | None = None
-        if self.world_size > 1:  # same start everywhere, whatever each process loaded
+        if self.world_size > 1 and not self.sharded:  # same start everywhere, whatever each process loaded
             for p in self.trainable_parameters:
                 dist.broadcast(p.data, src=0)
         if run.algorithm.kl_coef:
             self.snapshot_reference()
+        self.stage_full_state()  # FSDP2: RLlib reads the state of learner 0 right after the build
 
     def _make_modules_ddp_if_necessary(self) -> None:
         """No DDP wrapper: gradients are all-reduced explicitly after accumulation (see the module doc)."""
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 mode: ``resources.learner_sharding == "fsdp2"`` with 2+ learners."""
+        return self.config.deepeyes.resources.learner_sharding == "fsdp2" and self.world_size > 1
+
+    def _shard_module(self) -> None:
+        """Same start everywhere (rank 0 broadcasts), then FSDP2 per layer and at the roots (the optimizer
+        must be built afterwards: ``fully_shard`` replaces the parameters by DTensors)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        rl_module = self.module[DEFAULT_MODULE_ID]
+        for p in rl_module.parameters():
+            dist.broadcast(p.data, src=0)
+        mesh = init_device_mesh(self._device.type, (self.world_size,))
+        backbone = self.model.model
+        for block in list(backbone.visual.blocks) + list(backbone.language_model.layers):
+            fully_shard(block, mesh=mesh)
+        # the forward calls the backbone and the heads separately (losses.forward_with_values): each is a root
+        self._fsdp_roots = [fully_shard(backbone, mesh=mesh), fully_shard(self.model.lm_head, mesh=mesh)]
+        if rl_module.value_head is not None:
+            self._fsdp_roots.append(fully_shard(rl_module.value_head, mesh=mesh))
+        for sharded in rl_module.modules():  # every FSDP unit (these two settings do not recurse)
+            if isinstance(sharded, FSDPModule):
+                sharded.set_gradient_divide_factor(1.0)  # sum, as the all-reduce: the loss is globally normalised
+                sharded.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+    def _gradient_sync(self, enabled: bool) -> None:
+        if self.sharded:
+            for root in self._fsdp_roots:
+                root.set_requires_gradient_sync(enabled)
+
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         optim = self.config.deepeyes.optim
+        if self.sharded and not getattr(self, "_fsdp_roots", None):
+            self._shard_module()
         params = self.get_parameters(self.module[module_id])
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
@@ -111,7 +154,7 @@ class LLMLearner(TorchLearner):
 
     # ------------------------------------------------------------------ one optimizer step
     def _all_reduce_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        if self.world_size == 1:
+        if self.world_size == 1 or self.sharded:  # FSDP2 has reduce-scattered them in the last backward
             return
         for p in params:
             if p.grad is None:
@@ -122,6 +165,8 @@ class LLMLearner(TorchLearner):
               clip: float) -> float:
         self._all_reduce_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         for group in optimizer.param_groups:
             group["lr"] = lr
         if math.isfinite(float(grad_norm)):
@@ -140,12 +185,15 @@ class LLMLearner(TorchLearner):
         optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
         params = self.trainable_parameters
         self.model.train()
+        self._clear_staged_state()
         totals: dict[str, float] = {}
         grad_norms = []
         for _ in range(epochs):
             for episodes, normalizer in minibatches:
                 optimizer.zero_grad(set_to_none=True)
-                for chunk in micro_batches(episodes, run.algorithm.micro_batch_size):
+                chunks = list(micro_batches(episodes, run.algorithm.micro_batch_size))
+                for i, chunk in enumerate(chunks):
+                    self._gradient_sync(i == len(chunks) - 1)  # FSDP2: one reduce-scatter per step
                     batch = collate_episodes(chunk, device=self._device)
                     batch["normalizer"] = normalizer
                     fwd_out = self.module[DEFAULT_MODULE_ID].forward_train(batch)
@@ -182,8 +230,11 @@ class LLMLearner(TorchLearner):
         if self._sft_optimizer is None:
             self._sft_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.model.train()
+        self._clear_staged_state()
         totals: dict[str, float] = {}
-        for chunk in micro_batches(episodes, run.algorithm.micro_batch_size):
+        chunks = list(micro_batches(episodes, run.algorithm.micro_batch_size))
+        for i, chunk in enumerate(chunks):
+            self._gradient_sync(i == len(chunks) - 1)
             batch = collate_episodes(chunk, device=self._device)
             loss, metrics = sft_loss(self.model, batch, self.suppress_token_ids, normalizer)
             loss.backward()
@@ -201,9 +252,57 @@ class LLMLearner(TorchLearner):
 
     def parameter_checksum(self) -> list[float]:
         """Sum of every parameter tensor, in order: equal lists mean (numerically) identical learners."""
-        return [float(p.detach().double().sum()) for p in self.trainable_parameters]
+        return [float(_full(p.detach()).double().sum()) for p in self.trainable_parameters]
+
+    # ------------------------------------------------------------------ full state under FSDP2
+    def stage_full_state(self) -> None:
+        """FSDP2: gather the full module and optimizer state (every learner must call this, in step); learner 0
+        keeps it for RLlib's ``get_state``, which asks learner 0 only. A no-op without sharding."""
+        if not self.sharded:
+            return
+        rl_module = self.module[DEFAULT_MODULE_ID]
+        full = {k: _full(v.detach()).to("cpu", copy=True) for k, v in rl_module.full_module_state().items()}
+        optim = {name: _full_optimizer_state(opt.state_dict()) for name, opt in self._named_optimizers.items()}
+        rl_module.staged_state = full if self.rank == 0 else None
+        self._staged_optimizer_state = optim if self.rank == 0 else None
+
+    def _clear_staged_state(self) -> None:
+        self.module[DEFAULT_MODULE_ID].staged_state = None
+        self._staged_optimizer_state = None
+
+    def _get_optimizer_state(self) -> dict[str, Any]:
+        if not self.sharded:
+            return super()._get_optimizer_state()
+        from ray.rllib.utils.numpy import convert_to_numpy
+
+        if getattr(self, "_staged_optimizer_state", None) is None:
+            raise RuntimeError("FSDP2: call stage_full_state on every learner before reading the state")
+        return {name: {"module_id": self._optimizer_name_to_module[name], "state": convert_to_numpy(state)}
+                for name, state in self._staged_optimizer_state.items()}
+
+    def _set_optimizer_state(self, state: dict[str, Any]) -> None:
+        super()._set_optimizer_state(state)
+        if not self.sharded:
+            return
+        self._staged_optimizer_state = None
+        for optimizer in self._named_optimizers.values():  # full tensors -> my shards, like the parameters
+            for p, p_state in optimizer.state.items():
+                for k, v in list(p_state.items()):
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim():
+                        p_state[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
 
     def node_and_rank(self) -> tuple[str, int, int]:
         import ray
 
         return ray.get_runtime_context().get_node_id(), self.rank, self.world_size
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full (all-gathered: a collective) tensor; other tensors as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _full_optimizer_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {**state_dict, "state": {i: {k: _full(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                                        for k, v in s.items()}
+                                    for i, s in state_dict["state"].items()}}

@@ -8,6 +8,10 @@ With ``model_config["value_head"]`` (PPO: ``algorithm.advantage: gae``) the modu
 linear layer from the last hidden state to a scalar, zero-initialised so that V starts at 0 everywhere. Its
 weights are part of the module's state (``value_head.weight``, ``value_head.bias``), so checkpoints hold them,
 but not of the inference-only state that ``sync_weights`` sends to env runners, which only generate.
+
+Sharded by FSDP2 (``resources.learner_sharding: fsdp2``) the parameters are DTensors: the state is still the
+full one, gathered beforehand on every learner (``LLMLearner.stage_full_state``) and kept in ``staged_state``;
+``set_state`` takes a full state and keeps this learner's shards of it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deepeyes_agent.models import load_model
 from deepeyes_agent.rllib.losses import critic_values, forward_with_values, last_hidden_state
@@ -35,6 +40,7 @@ class QwenVLModule(TorchRLModule):
             self.model.gradient_checkpointing_enable()
         self.model.config.use_cache = False
         self.value_head: torch.nn.Linear | None = None
+        self.staged_state: dict[str, torch.Tensor] | None = None  # FSDP2: the gathered full state
         if cfg.get("value_head"):
             self.value_head = torch.nn.Linear(self.model.lm_head.in_features, 1)  # float32 whatever the model
             torch.nn.init.zeros_(self.value_head.weight)
@@ -49,17 +55,44 @@ class QwenVLModule(TorchRLModule):
         """The critic's per-token values [B, T] of a collated batch: no gradient, no LM head."""
         return critic_values(self.value_head, last_hidden_state(self.model, batch))
 
+    @property
+    def sharded(self) -> bool:
+        return any(isinstance(p, DTensor) for p in self.parameters())
+
+    def full_module_state(self) -> dict[str, torch.Tensor]:
+        """The model's and value head's state tensors, as they are (DTensors when sharded)."""
+        state = dict(self.model.state_dict())
+        if self.value_head is not None:
+            state.update({VALUE_HEAD + k: v for k, v in self.value_head.state_dict().items()})
+        return state
+
     def get_state(self, components: Any = None, *, not_components: Any = None, inference_only: bool = False,
                   **kwargs: Any) -> dict[str, torch.Tensor]:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        if self.value_head is not None and not inference_only:
-            state.update({VALUE_HEAD + k: v.detach().to("cpu", copy=True)
-                          for k, v in self.value_head.state_dict().items()})
+        if self.sharded:
+            if self.staged_state is None:
+                raise RuntimeError("FSDP2: the full state was not gathered (LLMLearner.stage_full_state)")
+            state = dict(self.staged_state)
+        else:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.full_module_state().items()}
+        if inference_only:
+            state = {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD)}
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         tensors = {k: torch.as_tensor(v) for k, v in state.items()}
+        staged = None
+        if self.sharded:  # keep my shard of every full tensor; learner 0 keeps the full state for get_state
+            staged = dict(tensors) if torch.distributed.get_rank() == 0 else None
+            current = self.full_module_state()
+            tensors = {k: _my_shard(v, current[k]) if isinstance(current.get(k), DTensor) else v
+                       for k, v in tensors.items()}
         head = {k[len(VALUE_HEAD):]: tensors.pop(k) for k in list(tensors) if k.startswith(VALUE_HEAD)}
         self.model.load_state_dict(tensors, strict=True)
         if self.value_head is not None:
             self.value_head.load_state_dict(head, strict=True)
+        self.staged_state = staged
+
+
+def _my_shard(full: torch.Tensor, like: DTensor) -> DTensor:
+    """This process's shard of a full tensor, laid out like ``like`` (a collective over its mesh)."""
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
