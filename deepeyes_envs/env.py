@@ -158,8 +158,7 @@ class ToolEnv(gym.Env):
         if self.prompt_style == "plain" or not tools:
             return [message("system", prompts.PLAIN_SYSTEM_PROMPT),
                     message("user", image_part(self.images[0]), question + prompts.PLAIN_USER_PROMPT)]
-        advertised = [t for t in tools if t in self.advertised_tools or task.tools is not None]
-        system = prompts.dynamic_system_prompt(self._tools[t].schema() for t in advertised)
+        system = prompts.dynamic_system_prompt(self._tools[t].schema() for t in self._advertised(task))
         user_parts = [p for i, img in enumerate(self.images) for p in (self._image_label(i), image_part(img)) if p]
         return [message("system", system), message("user", *user_parts, question + self._user_prompt(task))]
 
@@ -186,9 +185,12 @@ class ToolEnv(gym.Env):
     def _user_prompt(self, task: Task) -> str:
         if self.prompt_style == "deepeyes_v2":
             return prompts.USER_PROMPT_V2
-        tools = self._tools_for(task)
-        advertised = [t for t in tools if t in self.advertised_tools or task.tools is not None]
+        advertised = self._advertised(task)
         return prompts.dynamic_user_prompt(advertised) if advertised else prompts.PLAIN_USER_PROMPT
+
+    def _advertised(self, task: Task) -> list[str]:
+        """The tools the prompt lists: a task's own tool list is advertised whole."""
+        return [t for t in self._tools_for(task) if t in self.advertised_tools or task.tools is not None]
 
     def _image_label(self, index: int) -> str:
         """Images are numbered in the text only where the model can refer to them (crop of crop)."""
