@@ -46,3 +46,14 @@ def vllm_server(vllm_python, tiny_model_dir, tmp_path_factory: pytest.TempPathFa
     print(f"\nvLLM server ready in {server.startup_s:.1f} s at {server.base_url}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real single-node Ray cluster of 2 CPUs, started for the test module and shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()

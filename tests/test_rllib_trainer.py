@@ -3,7 +3,6 @@ two data-parallel learners, and RLlib checkpoints. Real Ray, real models, no moc
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -25,15 +24,6 @@ def tiny_config(model_dir, *overrides: str):
             "optim.lr=1e-3", "optim.weight_decay=0.0", "algorithm.micro_batch_size=4", "resources.torch_threads=1",
             f"model.path={model_dir}"]
     return load_config(None, base + list(overrides))
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 def _params(algo) -> list[torch.Tensor]:

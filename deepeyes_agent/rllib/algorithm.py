@@ -165,6 +165,7 @@ class DeepEyesAlgorithm(Algorithm):
             for k, v in res.items():
                 total[k] = total.get(k, 0.0) + v
         total["grad_norm"] = results[0]["grad_norm"]  # identical on every learner (after the all-reduce)
+        total["logprob_gap_max"] = max(res.get("logprob_gap_max", 0.0) for res in results)
         total["optimizer_steps"] = results[0]["optimizer_steps"]
         return total
 
@@ -215,6 +216,8 @@ class DeepEyesAlgorithm(Algorithm):
             "entropy": stats.get("entropy_sum", 0.0) / tokens,
             "clip_fraction": stats.get("clip_fraction_sum", 0.0) / tokens,
             "approx_kl": stats.get("approx_kl_sum", 0.0) / tokens,
+            "logprob_gap_mean": stats.get("logprob_gap_sum", 0.0) / max(1.0, stats.get("logprob_gap_tokens", 0.0)),
+            "logprob_gap_max": stats.get("logprob_gap_max", 0.0),
             "kl": stats.get("kl_sum", 0.0) / tokens if "kl_sum" in stats else 0.0,
             "grad_norm": stats.get("grad_norm", 0.0),
             "lr": lr,

@@ -179,7 +179,10 @@ class LLMLearner(TorchLearner):
         """Policy-gradient updates: one optimizer step per (my shard of a minibatch, global normalizer).
 
         Every learner must receive the same number of minibatches (collective calls pair up).
-        Returns metrics summed over my tokens, plus the step's gradient norms.
+        Returns metrics summed over my tokens, plus the step's gradient norms. ``logprob_gap_*`` compare the
+        engine's recorded logprobs with this forward's in the first step only, before any update: both score
+        the same tokens with the same weights, so a gap above ~1e-3 means rollout and training disagree
+        (weights not synced, other image preprocessing, low-precision drift).
         """
         run = self.config.deepeyes
         optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
@@ -200,7 +203,13 @@ class LLMLearner(TorchLearner):
                     loss = self.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=self.config,
                                                         batch=batch, fwd_out=fwd_out)
                     loss.backward()
-                    metrics = self._loss_metrics
+                    metrics = dict(self._loss_metrics)
+                    gap_max = metrics.pop("logprob_gap_max")
+                    gap_sum = metrics.pop("logprob_gap_sum")
+                    if not grad_norms:  # the first step: the weights the engine sampled with
+                        totals["logprob_gap_max"] = max(totals.get("logprob_gap_max", 0.0), gap_max)
+                        totals["logprob_gap_sum"] = totals.get("logprob_gap_sum", 0.0) + gap_sum
+                        totals["logprob_gap_tokens"] = totals.get("logprob_gap_tokens", 0.0) + metrics["tokens"]
                     for k, v in metrics.items():
                         totals[k] = totals.get(k, 0.0) + v
                 grad_norms.append(self._step(optimizer, params, lr, run.optim.grad_clip))

@@ -127,8 +127,11 @@ def rl_loss_from_logits(logits: Tensor, batch: dict[str, Tensor], settings: Loss
         normalizer=normalizer,
     )
     n_tokens = float(mask.sum())
+    gap = (logprobs.detach() - batch["old_logprobs"]).abs() * mask
     metrics = {
         "pg_loss": float(loss.detach()) * normalizer,  # un-normalised: the caller sums micro-batches
+        "logprob_gap_sum": float(gap.sum()),  # engine vs this forward (see LLMLearner.update_from_packed)
+        "logprob_gap_max": float(gap.max()) if gap.numel() else 0.0,
         "clip_fraction_sum": float(pg_metrics["clip_fraction"]) * n_tokens,
         "approx_kl_sum": float(pg_metrics["approx_kl"]) * n_tokens,
         "entropy_sum": float(masked_sum(entropy.detach(), mask)),

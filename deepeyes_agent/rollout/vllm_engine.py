@@ -166,11 +166,17 @@ class VLLMCore:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
 
+        defaults = dict(DEFAULT_LLM_KWARGS)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator, which a CPU
+            # generator cannot do ("CPU Generator does not use offset"): a training batch of 64 prompts hit it.
+            defaults["enable_chunked_prefill"] = False
         from vllm import LLM
 
-        kwargs = {**DEFAULT_LLM_KWARGS, **llm_kwargs, "logprobs_mode": "processed_logprobs"}
+        kwargs = {**defaults, **llm_kwargs, "logprobs_mode": "processed_logprobs"}
+        if not kwargs.get("enable_chunked_prefill", True):  # then vLLM wants whole prompts in one step
+            kwargs.setdefault("max_num_batched_tokens", kwargs.get("max_model_len") or _max_positions(model))
         start = time.perf_counter()
         self.llm = LLM(model=str(model), **kwargs)
         self.init_s = time.perf_counter() - start
@@ -254,6 +260,14 @@ class VLLMCore:
         import gc
 
         gc.collect()
+
+
+def _max_positions(model: str | os.PathLike) -> int:
+    """The longest sequence the model's config allows (vLLM's default ``max_model_len``)."""
+    import json
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or config["text_config"]["max_position_embeddings"])
 
 
 # ----------------------------------------------------------------------------------------------------
