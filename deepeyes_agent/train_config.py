@@ -133,7 +133,7 @@ class ResourcesConfig:
     learner_sharding: str = setting("none", "With 2+ learners: 'none' (every learner holds the full model, gradients "
                                             "all-reduced) or 'fsdp2' (PyTorch FSDP2: parameters, gradients and "
                                             "optimizer state sharded per decoder layer; checkpoints and weight syncs "
-                                            "stay full state dicts). fsdp2 does not support algorithm.kl_coef yet.")
+                                            "stay full state dicts).")
     num_cpus_per_env_runner: float = setting(1, "CPUs reserved per env runner.")
     num_gpus_per_env_runner: float = setting(0, "GPUs per env runner (vLLM engines need 1 or more).")
     num_cpus_per_learner: float = setting(1, "CPUs reserved per remote learner.")
@@ -210,8 +210,6 @@ class TrainConfig:
         if self.resources.learner_sharding not in ("none", "fsdp2"):
             problems.append(f"resources.learner_sharding must be 'none' or 'fsdp2', got "
                             f"{self.resources.learner_sharding!r}")
-        elif self.resources.learner_sharding == "fsdp2" and algo.kl_coef:
-            problems.append("resources.learner_sharding=fsdp2 does not support a KL reference (algorithm.kl_coef)")
         batch = rollout.prompts_per_iteration * rollout.rollouts_per_prompt
         parts = max(1, self.resources.num_learners) * algo.minibatches
         if batch % parts:

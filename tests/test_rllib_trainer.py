@@ -3,8 +3,10 @@ two data-parallel learners, and RLlib checkpoints. Real Ray, real models, no moc
 
 from __future__ import annotations
 
+import copy
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,8 +14,13 @@ ray = pytest.importorskip("ray")
 
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 
+from deepeyes_agent.chat import EpisodeContext  # noqa: E402
+from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages  # noqa: E402
 from deepeyes_agent.rllib.config import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.rollout.engine import SamplingParams  # noqa: E402
+from deepeyes_agent.rollout.hf_engine import HFEngine  # noqa: E402
 from deepeyes_agent.train_config import load_config  # noqa: E402
+from deepeyes_envs.messages import image_part, message  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +178,58 @@ def test_fsdp2_learners_match_unsharded_learners_and_share_checkpoints(ray_local
         assert resharded.iteration == 3 and resharded.last_metrics["grad_norm"] > 0
     finally:
         resharded.stop()
+
+
+def _uneven_episodes(policy) -> list[PackedEpisode]:
+    """Three image episodes, then two text-only ones, each with one turn sampled by the tiny model: split over
+    two learners with micro-batches of one, learner 0 runs three micro-batches with images and learner 1 two
+    text-only ones, the case that used to hang FSDP2 learners."""
+    rng = np.random.default_rng(0)
+    prompts = [[message("user", image_part(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)),
+                        "What colour dominates?")] for i in range(3)]
+    prompts += [[message("user", "What is two plus two?")], [message("user", "Name a colour.")]]
+    contexts = [EpisodeContext(policy.processor, p, max_total_tokens=512) for p in prompts]
+    gens = HFEngine(policy.model, policy.processor).generate(contexts, SamplingParams(max_tokens=8, seed=0))
+    episodes = []
+    for i, (ctx, gen) in enumerate(zip(contexts, gens, strict=True)):
+        ctx.append_generated(gen.token_ids, gen.logprobs)
+        episodes.append(PackedEpisode.from_context(ctx, reward=float(i % 2), group_id=int(i >= 3)))
+    return episodes
+
+
+@pytest.mark.timeout(900)  # a lockstep bug shows as a hang
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_fsdp2_learners_stay_in_lockstep_on_uneven_text_and_image_shards(ray_local, tiny_model_dir, policy,
+                                                                          advantage):
+    overrides = ["resources.num_learners=2", "resources.num_cpus_per_learner=1", "algorithm.micro_batch_size=1",
+                 f"algorithm.advantage={advantage}"]
+    if advantage == "grpo":
+        overrides.append("algorithm.kl_coef=0.05")  # the KL reference is sharded too
+    episodes = _uneven_episodes(policy)
+    results = {}
+    for sharding in ("fsdp2", "none"):
+        algo = DeepEyesConfig.from_run_config(
+            tiny_config(tiny_model_dir, *overrides, f"resources.learner_sharding={sharding}")).build_algo()
+        try:
+            eps = copy.deepcopy(episodes)
+            if advantage == "gae":
+                algo.attach_old_values(eps)  # a forward-only pass, in lockstep as well
+            assign_advantages(eps, advantage)
+            first = algo.update_policy(eps, lr=1e-3)
+            second = algo.update_policy(eps, lr=1e-3)  # moved away from the reference: KL > 0
+            results[sharding] = (_learner_weights(algo), first, second)
+        finally:
+            algo.stop()
+    (sharded, first, second), (plain, plain_first, plain_second) = results["fsdp2"], results["none"]
+    assert first["grad_norm"] > 0 and first["tokens"] == sum(e.num_generated for e in episodes)
+    for key in ("pg_loss", "tokens", "entropy_sum", "grad_norm", "kl_sum", "value_loss"):
+        if key in plain_second:
+            assert first[key] == pytest.approx(plain_first[key], rel=1e-4, abs=1e-6), key
+            assert second[key] == pytest.approx(plain_second[key], rel=1e-4, abs=1e-6), key
+    if advantage == "grpo":
+        assert second["kl_sum"] > 0
+    for k, v in plain.items():
+        assert torch.allclose(v, sharded[k], rtol=1e-5, atol=1e-5), k
 
 
 def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir, tmp_path):

@@ -48,8 +48,6 @@ def test_wrong_types_and_bad_combinations_are_errors():
         load_config(None, ["model.build_tiny=true", "rollout.rollouts_per_prompt=1"])
     with pytest.raises(ConfigError, match="learner_sharding must be"):
         load_config(None, ["model.build_tiny=true", "resources.learner_sharding=fsdp"])
-    with pytest.raises(ConfigError, match="does not support a KL reference"):
-        load_config(None, ["model.build_tiny=true", "resources.learner_sharding=fsdp2", "algorithm.kl_coef=0.1"])
     with pytest.raises(ConfigError, match="vf_clip"):
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "algorithm.vf_clip=0"])
     with pytest.raises(ConfigError, match="lam"):

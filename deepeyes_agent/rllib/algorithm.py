@@ -63,6 +63,16 @@ def explained_variance(episodes: Sequence[PackedEpisode]) -> float:
     return 1.0 - float(masked_var(returns - padded(episodes, "values"), mask)) / var_returns
 
 
+def learner_results(results: Any) -> list[Any]:
+    """The values of a ``foreach_learner`` call; a learner's failure is raised, not returned as a value."""
+    values = []
+    for r in results:
+        if not r.ok:
+            raise RuntimeError(f"learner {r.actor_id} failed: {r.get()!r}") from r.get()
+        values.append(r.get())
+    return values
+
+
 class DeepEyesAlgorithm(Algorithm):
     """RL for Qwen-VL policies with tools; see the module docstring."""
 
@@ -81,12 +91,12 @@ class DeepEyesAlgorithm(Algorithm):
         self.sync_policy_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
-    def stage_learner_state(self) -> None:
-        """FSDP2 learners: gather the full state on every learner, so that RLlib can read it from one of them
-        (a weight sync or a checkpoint). Without sharding nothing happens."""
+    def stage_learner_state(self, with_optimizer: bool = False) -> None:
+        """FSDP2 learners: gather the full weights (and, for a checkpoint, the optimizer state) on every
+        learner, so that RLlib can read them from one of them. Without sharding nothing happens."""
         if self.config.deepeyes.resources.learner_sharding == "fsdp2" and not self.learner_group.is_local:
-            for r in self.learner_group.foreach_learner(lambda learner: learner.stage_full_state()):
-                r.get()
+            learner_results(self.learner_group.foreach_learner(
+                lambda learner, full: learner.stage_full_state(with_optimizer=full), full=with_optimizer))
 
     def sync_policy_weights(self) -> float:
         """Send the learners' weights to every env runner; returns the seconds it took."""
@@ -139,8 +149,7 @@ class DeepEyesAlgorithm(Algorithm):
         def call(learner: Any, refs: list, kwargs: dict) -> Any:
             return getattr(learner, method)(ray.get(refs[learner.rank]), **kwargs)
 
-        results = self.learner_group.foreach_learner(call, refs=refs, kwargs=kwargs)
-        return [r.get() for r in results]
+        return learner_results(self.learner_group.foreach_learner(call, refs=refs, kwargs=kwargs))
 
     def attach_old_values(self, episodes: Sequence[PackedEpisode]) -> None:
         """PPO: every episode's per-token values under the critic before the update (learners score shards)."""
@@ -284,19 +293,18 @@ class DeepEyesAlgorithm(Algorithm):
             history.append({"sft_step": step + 1, "sft_nll": nll, "sft_grad_norm": results[0]["grad_norm"]})
             if progress is not None:
                 progress(history[-1])
-        self.learner_group.foreach_learner(lambda learner: learner.finish_sft())
+        learner_results(self.learner_group.foreach_learner(lambda learner: learner.finish_sft()))
         self.sync_policy_weights()
         self.sft_done = True
         return history
 
     def learner_checksums(self) -> list[list[float]]:
         """Each learner's per-tensor parameter sums (equal lists: identical parameters)."""
-        results = self.learner_group.foreach_learner(lambda learner: learner.parameter_checksum())
-        return [r.get() for r in results]
+        return learner_results(self.learner_group.foreach_learner(lambda learner: learner.parameter_checksum()))
 
     # ------------------------------------------------------------------ checkpoint state
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
-        self.stage_learner_state()
+        self.stage_learner_state(with_optimizer=True)
         state = super().get_state(components, not_components=not_components, **kwargs)
         state[STATE_KEY] = {
             "schedule": self.schedule.get_state(), "sft_done": self.sft_done,
