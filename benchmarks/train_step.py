@@ -2,8 +2,8 @@
 
 Runs a few iterations of ``configs/tiny_cpu.yaml`` (tiny Qwen2.5-VL, toy tasks, local mode, no SFT) and
 prints the mean of each phase (rollout = generation + env + judge, of which generation and judge are shown
-apart; update; weight sync) over the iterations after the first (warm-up), plus learner and rollout tokens
-per second::
+apart; update; weight sync) over the iterations after the first (warm-up), with its share of the
+iteration's wall time (the baseline of the same run), plus learner and rollout tokens per second::
 
     python benchmarks/train_step.py                  # 6 iterations, 1 warm-up
     python benchmarks/train_step.py --iterations 10 rollout.prompts_per_iteration=16
@@ -67,9 +67,9 @@ def main() -> None:
         return
     print(f"tiny_cpu, {summary['trajectories']:.0f} trajectories of {summary['mean_tokens_per_trajectory']:.0f} "
           f"tokens per iteration, mean of {len(measured)} iterations after {args.warmup} warm-up")
-    print(f"{'phase':<22}{'seconds':>10}")
+    print(f"{'phase':<22}{'seconds':>10}{'x wall':>10}")  # the share: comparable across loaded machines
     for key in (*PHASES, "wall_s"):
-        print(f"{key.removeprefix('time/'):<22}{summary[key]:>10.3f}")
+        print(f"{key.removeprefix('time/'):<22}{summary[key]:>10.3f}{summary[key] / summary['wall_s']:>10.2f}")
     print(f"{'learner tokens/s':<22}{summary['learner_tokens_per_s']:>10.0f}")
     print(f"{'rollout tokens/s':<22}{summary['rollout_tokens_per_s']:>10.0f}")
 

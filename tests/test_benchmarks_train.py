@@ -1,0 +1,43 @@
+"""benchmarks/train_step.py and benchmarks/learner_mfu.py run end to end on the CPU (small) and report sane numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def test_learner_mfu_wiring_on_the_cpu() -> None:
+    args = ["--tiny", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--seq-len", "256",
+            "--image-side", "112", "--steps", "2", "--warmup", "1", "--matmul-size", "256"]
+    done = _run("learner_mfu.py", *args, "--json", "--peak-tflops", "2.0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout)
+    assert r["tokens_per_step"] == 512 and r["step_s"] > 0 and r["matmul_tflops_per_s"] > 0
+    assert r["vs_matmul"] == pytest.approx(r["model_tflops_per_s"] / r["matmul_tflops_per_s"])
+    assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 2.0)
+    table = _run("learner_mfu.py", *args)
+    assert table.returncode == 0 and "model / matmul" in table.stdout and "MFU (vs spec)" in table.stdout
+    too_short = _run("learner_mfu.py", "--tiny", "--device", "cpu", "--seq-len", "64")
+    assert too_short.returncode != 0 and "cannot hold" in too_short.stderr
+
+
+def test_train_step_phases(tiny_model_dir) -> None:
+    done = _run("train_step.py", "--iterations", "2", "--warmup", "1", "--json", "rollout.prompts_per_iteration=2",
+                "rollout.rollouts_per_prompt=2", "model.build_tiny=false", f"model.path={tiny_model_dir}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["trajectories"] == 4 and r["learner_tokens_per_s"] > 0
+    assert 0 < r["time/generate_s"] <= r["time/rollout_s"] <= r["wall_s"]
+    assert r["time/update_s"] > 0 and r["time/weight_sync_s"] >= 0
