@@ -117,7 +117,13 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
         echo(f"run dir {run_dir} | built in {time.perf_counter() - t0:.1f} s | iterations {start}..{cfg.iterations}")
 
         if not algo.sft_done:
-            history = algo.run_sft()
+            with tqdm(total=cfg.sft.steps, desc="SFT warm start", unit="step", disable=not cfg.logging.progress,
+                      dynamic_ncols=True) as sft_bar:
+                def sft_progress(record: dict[str, float]) -> None:
+                    sft_bar.update(1)
+                    sft_bar.set_postfix(nll=f"{record['sft_nll']:.3f}")
+
+                history = algo.run_sft(progress=sft_progress)
             for rec in history:
                 log.log(0, rec, kind="sft")
             if history:

@@ -382,7 +382,7 @@ def _distractors(
 # --- toy tasks ---------------------------------------------------------------------------------
 
 TOY_COLORS = ("red", "green", "blue", "yellow")
-FRAME_LAYOUTS = ("random", "quadrants")
+FRAME_LAYOUTS = ("random", "quadrants", "center")
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,8 @@ class ToyConfig:
     ``frame_layout`` (zoom only) says where the frame goes: ``"random"`` (default) anywhere on the
     image; ``"quadrants"`` centred in one of the four quadrants, so where to zoom is one of four
     boxes. A tiny model can learn to pick one of four boxes from a 56x56 view (each of its 4 visual
-    tokens covers one quadrant) where regressing free coordinates is out of its reach.
+    tokens covers one quadrant) where regressing free coordinates is out of its reach. ``"center"``: always
+    the image centre, so the zoom box is the same for every task and only *whether* to zoom is learned.
     """
 
     kind: str = "color"
@@ -491,6 +492,9 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
     if cfg.frame_layout == "quadrants":  # centred in quadrant q: left/right by q % 2, top/bottom by q // 2
         q, half = int(rng.integers(4)), cfg.size // 2
         x, y = (q % 2) * half + (half - f) // 2, (q // 2) * half + (half - f) // 2
+        frame = (x, y, x + f, y + f)
+    elif cfg.frame_layout == "center":
+        x = y = (cfg.size - f) // 2
         frame = (x, y, x + f, y + f)
     else:
         frame = _place(rng, cfg.size, cfg.size, f, f, margin=2)

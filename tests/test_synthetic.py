@@ -176,6 +176,8 @@ def test_toy_zoom_quadrant_layout_puts_the_frame_in_one_of_four_places():
     assert np.all(image[y1, x1:x2] == 0) and np.all(image[y1:y2, x1] == 0)  # the frame's border is drawn there
     target = task.extra["target_box"]
     assert x1 < target[0] and target[2] < x2 and y1 < target[1] and target[3] < y2  # the plus is inside
+    centered = {toy_task(2, i, ToyConfig(kind="zoom", frame_layout="center")).gt_boxes[0] for i in range(10)}
+    assert centered == {(90.0, 90.0, 134.0, 134.0)}
     default = [toy_task(2, i, ToyConfig(kind="zoom")).gt_boxes[0] for i in range(10)]
     assert len(set(default)) > 4  # the default layout still places the frame anywhere
     with pytest.raises(ValueError, match="frame_layout"):
