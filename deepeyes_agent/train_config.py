@@ -157,7 +157,7 @@ class LoggingConfig:
     n_saved_trajectories: int = setting(8, "Trajectories saved each time.")
     tensorboard: bool = setting(True, "Write TensorBoard scalars to <run_dir>/tb.")
     report: bool = setting(True, "Write report.md and PNG plots at the end.")
-    progress: bool = setting(True, "Show a tqdm progress bar per iteration.")
+    progress: bool = setting(True, "Show tqdm progress bars (SFT steps, iterations).")
 
 
 @dataclass

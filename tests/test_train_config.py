@@ -18,6 +18,8 @@ def test_every_setting_has_a_help_text_and_a_default():
     assert not missing, f"settings without help: {missing}"
     table = describe()
     assert "`rollout.temperature`" in table and "`optim.lr`" in table
+    docs = (ROOT / "docs" / "training.md").read_text()
+    assert table in docs, "docs/training.md's settings table is stale: paste describe()'s output (train.py --describe)"
 
 
 def test_overrides_are_typed_and_dotted():
