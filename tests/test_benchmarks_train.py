@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py and benchmarks/learner_mfu.py run end to end on the CPU (small) and report sane numbers."""
+"""benchmarks/train_step.py, benchmarks/learner_mfu.py and scripts/zoom_probe.py run end to end on the CPU (small)
+and report sane numbers."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+def _run(script: str, *args: str, folder: str = "benchmarks") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / folder / script), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
 
 
@@ -41,3 +42,15 @@ def test_train_step_phases(tiny_model_dir) -> None:
     assert r["trajectories"] == 4 and r["learner_tokens_per_s"] > 0
     assert 0 < r["time/generate_s"] <= r["time/rollout_s"] <= r["wall_s"]
     assert r["time/update_s"] > 0 and r["time/weight_sync_s"] >= 0
+
+
+def test_zoom_probe_prints_both_views(tiny_model_dir) -> None:
+    done = _run("zoom_probe.py", "--model", str(tiny_model_dir), "--n", "96", "--n-test", "32", "--epochs", "2",
+                folder="scripts")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    full = next(line for line in lines if line.startswith("full view")).split()
+    zoom = next(line for line in lines if line.startswith("zoomed crop")).split()
+    assert full[2] == "224x224" and zoom[2] == "66x66"  # the scripted box: the 44 px frame padded by a quarter
+    assert all(0.0 <= float(a) <= 1.0 for a in full[4:6] + zoom[4:6])
+    assert "zoomed / full view accuracy" in lines[-1]
