@@ -1,13 +1,18 @@
-"""Can a policy's vision tower read the toy zoom task, from the full view and from the zoomed crop?
+"""Where does the toy zoom stretch fail: in seeing the marks, or in carrying what is seen to the answer?
 
-A diagnostic for the zoom stretch (docs/training.md, "The zoom variant"): it separates seeing from the rest
-of the policy. The vision tower plus a linear head is trained, as a plain classifier, to name the plus
-sign's colour from (a) the whole image and (b) the crop the scripted agent zooms on, both at the env's pixel
-budget. If (b) is read and (a) is not, the task needs the zoom and the tower can use it; a policy that still
-answers at chance then fails elsewhere (choosing the box, or carrying the crop's tokens to its answer)::
+A diagnostic for the zoom stretch (docs/training.md, "The zoom variant"), in two parts.
 
-    python scripts/zoom_probe.py                              # the tiny model, quadrant layout, 56x56 budget
-    python scripts/zoom_probe.py --model DIR --layout random --epochs 12
+Eyes: the policy's vision tower plus a linear head is trained, as a plain classifier, to name the plus sign's
+colour from (a) the whole image and (b) the crop the scripted agent zooms on, both at the env's pixel budget.
+If (b) is read and (a) is not, the task needs the zoom and the tower can use it.
+
+Policy (``--policy-steps N``): the whole policy is trained on teacher-forced scripted episodes (prompt, zoom
+call, crop, answer) with the loss on the answer's colour token only, and its held-out answer accuracy is
+printed every 25 steps, once from the random vision tower and once from the tower the eyes part trained on
+crops (pretrained, as a real VLM's tower is)::
+
+    python scripts/zoom_probe.py                                # eyes only: tiny model, quadrant layout
+    python scripts/zoom_probe.py --layout center --policy-steps 200
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepeyes_agent.data import demonstrations
 from deepeyes_agent.models import build_tiny_qwen2_5_vl, load_model, load_processor
+from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes
+from deepeyes_agent.rllib.losses import forward_logits
+from deepeyes_agent.train_config import EnvConfig
 from deepeyes_envs.scripted import padded_box
-from deepeyes_envs.synthetic import TOY_COLORS, ToyConfig, toy_task
+from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, ToyConfig, toy_task
+
+ENV = EnvConfig(env_id="visual_toolbox", kwargs={"max_turns": 3, "prompt_style": "plain"})  # as tiny_zoom_cpu
 
 
 def views(config: ToyConfig, n: int, zoomed: bool) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -39,24 +50,21 @@ def views(config: ToyConfig, n: int, zoomed: bool) -> tuple[list[np.ndarray], to
     return images, torch.tensor(labels)
 
 
-def train_reader(model_dir: str, images: list[np.ndarray], labels: torch.Tensor, budget: int, epochs: int,
-                 n_test: int, seed: int = 0) -> list[float]:
-    """Held-out accuracy after each epoch of training the vision tower + a linear head on ``images``."""
-    torch.manual_seed(seed)
-    processor = load_processor(model_dir, min_pixels=budget, max_pixels=budget)
+def train_reader(visual: torch.nn.Module, processor, images: list[np.ndarray], labels: torch.Tensor,
+                 epochs: int, n_test: int) -> list[float]:
+    """Train ``visual`` (in place) plus a linear head on ``images``; held-out accuracy after each epoch."""
     enc = processor.image_processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
     pixels, grids = enc["pixel_values"], enc["image_grid_thw"]
     per_image = int(grids[0].prod())
-    visual = load_model(model_dir).model.visual.train()
-    merge = visual.spatial_merge_size ** 2
-    head = torch.nn.Linear(visual.merger.mlp[-1].out_features * per_image // merge, len(TOY_COLORS))
+    visual.train()
+    head = torch.nn.Linear(visual.merger.mlp[-1].out_features * per_image // visual.spatial_merge_size**2,
+                           len(TOY_COLORS))
     optimizer = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=1e-3)
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
         patches = torch.cat([pixels[i * per_image:(i + 1) * per_image] for i in idx.tolist()])
         out = visual(patches, grid_thw=grids[idx])
-        out = getattr(out, "pooler_output", out)
-        return head(out.reshape(len(idx), -1))
+        return head(getattr(out, "pooler_output", out).reshape(len(idx), -1))
 
     n_train = len(images) - n_test
     test = torch.arange(n_train, len(images))
@@ -72,35 +80,101 @@ def train_reader(model_dir: str, images: list[np.ndarray], labels: torch.Tensor,
     return accuracies
 
 
+def answer_episodes(config: ToyConfig, processor, n: int) -> tuple[list[PackedEpisode], list[int], list[int]]:
+    """Scripted zoom-then-answer episodes with the loss on the answer's colour token only; its positions and
+    the answer indices."""
+    tasks = SyntheticTaskSource(n, seed=0, kind="toy_zoom", frame_layout=config.frame_layout,
+                                frame_size=config.frame_size)
+    colour_ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in TOY_COLORS]
+    episodes, positions, labels = [], [], []
+    for ctx in demonstrations([tasks[i] for i in range(n)], ENV, processor, max_total_tokens=1024):
+        episode = PackedEpisode.from_context(ctx)
+        position = max(i for i, t in enumerate(episode.token_ids) if t in colour_ids)
+        episode.loss_mask = [int(i == position) for i in range(len(episode))]
+        episodes.append(episode)
+        positions.append(position)
+        labels.append(colour_ids.index(episode.token_ids[position]))
+    return episodes, positions, labels
+
+
+def train_policy_answers(model: torch.nn.Module, episodes: list[PackedEpisode], positions: list[int],
+                         labels: list[int], colour_ids: list[int], steps: int, n_test: int) -> list[float]:
+    """Answer-token SFT of the whole policy (batch 16, AdamW 1e-3); held-out answer accuracy every 25 steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    n_train = len(episodes) - n_test
+    accuracies = []
+    for step in range(steps):
+        model.train()
+        batch = collate_episodes([episodes[i] for i in rng.choice(n_train, 16, replace=False)])
+        logprobs = torch.log_softmax(forward_logits(model, batch)[:, :-1].float(), -1)
+        picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        mask = batch["loss_mask"][:, 1:].float()
+        loss = -(picked * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 25 == 0:
+            accuracies.append(_answer_accuracy(model, episodes, positions, labels, colour_ids,
+                                               range(n_train, len(episodes))))
+    return accuracies
+
+
+@torch.no_grad()
+def _answer_accuracy(model, episodes, positions, labels, colour_ids, indices) -> float:
+    model.eval()
+    hits = []
+    for chunk in np.array_split(np.asarray(list(indices)), max(1, len(indices) // 50)):
+        logits = forward_logits(model, collate_episodes([episodes[i] for i in chunk]))
+        hits += [int(logits[k, positions[i] - 1, colour_ids].argmax()) == labels[i] for k, i in enumerate(chunk)]
+    return float(np.mean(hits))
+
+
+def _row(name: str, values: list[float], seconds: float, extra: str = "") -> str:
+    return f"{name:<34}{extra:>10}  " + "".join(f"{v:>7.3f}" for v in values) + f"{seconds:>6.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="local Qwen-VL dir (default: build the tiny one)")
     parser.add_argument("--layout", default="quadrants", help="toy zoom frame_layout: random, quadrants, center")
     parser.add_argument("--frame-size", type=int, default=44)
     parser.add_argument("--budget", type=int, default=3136, help="pixels per image (56x56 in tiny_zoom_cpu)")
-    parser.add_argument("--n", type=int, default=3000, help="training images")
+    parser.add_argument("--n", type=int, default=3000, help="training images (and policy episodes)")
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--policy-steps", type=int, default=0, help="also probe the policy (0: eyes only)")
     args = parser.parse_args()
+    torch.manual_seed(0)
     torch.set_num_threads(2)
     config = ToyConfig(kind="zoom", frame_layout=args.layout, frame_size=args.frame_size)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(build_tiny_qwen2_5_vl(tmp))
-        rows = []
+        processor = load_processor(model_dir, min_pixels=args.budget, max_pixels=args.budget)
+        print(f"toy zoom, layout {args.layout}, frame {args.frame_size} px, {args.budget} px per image "
+              f"(chance {1 / len(TOY_COLORS):.2f})")
+        print(f"eyes: vision tower + linear head, held-out accuracy per epoch\n{'view':<34}{'image':>10}")
+        eyes, final = {}, {}
         for name, zoomed in (("full view", False), ("zoomed crop", True)):
             start = time.perf_counter()
+            eyes[name] = load_model(model_dir)
             images, labels = views(config, args.n + args.n_test, zoomed)
-            accuracy = train_reader(model_dir, images, labels, args.budget, args.epochs, args.n_test)
-            rows.append((name, images[0].shape, accuracy, time.perf_counter() - start))
-    print(f"toy zoom, layout {args.layout}, frame {args.frame_size} px, {args.budget} px per image; "
-          f"held-out accuracy of vision tower + linear head (chance {1 / len(TOY_COLORS):.2f})")
-    print(f"{'view':<13}{'image':>14}  " + "".join(f"{'ep ' + str(e + 1):>7}" for e in range(args.epochs))
-          + f"{'s':>6}")
-    for name, shape, accuracy, seconds in rows:
-        print(f"{name:<13}{'x'.join(map(str, shape[:2])) + ' px':>14}  " + "".join(f"{a:>7.3f}" for a in accuracy)
-              + f"{seconds:>6.0f}")
-    full, zoom = rows[0][2][-1], rows[1][2][-1]
-    print(f"zoomed / full view accuracy after {args.epochs} epochs: {zoom / max(full, 1e-9):.2f}x")
+            accuracy = train_reader(eyes[name].model.visual, processor, images, labels, args.epochs, args.n_test)
+            final[name] = accuracy[-1]
+            shape = "x".join(map(str, images[0].shape[:2]))
+            print(_row(name, accuracy, time.perf_counter() - start, shape), flush=True)
+        print(f"zoomed / full view accuracy after {args.epochs} epochs: "
+              f"{final['zoomed crop'] / max(final['full view'], 1e-9):.2f}x")
+        if args.policy_steps:
+            print("policy: answer-token SFT on scripted zoom episodes, held-out accuracy every 25 steps")
+            episodes, positions, labels = answer_episodes(config, processor, args.n + args.n_test)
+            colour_ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in TOY_COLORS]
+            for name, model in (("random tower", load_model(model_dir)),
+                                ("tower pretrained on crops", eyes["zoomed crop"])):
+                start = time.perf_counter()
+                accuracy = train_policy_answers(model, episodes, positions, labels, colour_ids, args.policy_steps,
+                                                args.n_test)
+                print(_row(name, accuracy, time.perf_counter() - start), flush=True)
 
 
 if __name__ == "__main__":

@@ -125,15 +125,15 @@ class LLMLearner(TorchLearner):
         """Freeze a copy of the current policy as the KL reference (after any SFT warm start).
 
         Under FSDP2 (a collective) the reference is rebuilt from the gathered full weights and sharded like the
-        policy, so it costs each learner one shard too; its forward runs the same units in the same order.
+        policy, so it costs each learner one shard too; its forward runs the same units in the same order. The
+        full copy is assembled in CPU memory; ``fully_shard`` moves only this learner's shard to its device.
         """
         if not self.sharded:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
         model_cfg = self.config.deepeyes.model
-        full = {k: _full(v.detach()) for k, v in self.model.state_dict().items()}
-        ref = load_model(model_cfg.path, dtype=model_cfg.dtype, attn_implementation=model_cfg.attn_implementation,
-                         device=self._device)
+        full = {k: _full(v.detach()).to("cpu") for k, v in self.model.state_dict().items()}
+        ref = load_model(model_cfg.path, dtype=model_cfg.dtype, attn_implementation=model_cfg.attn_implementation)
         ref.load_state_dict(full, strict=True)
         del full
         self.ref_model = ref.eval().requires_grad_(False)
