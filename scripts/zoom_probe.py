@@ -33,8 +33,6 @@ from deepeyes_agent.train_config import EnvConfig
 from deepeyes_envs.scripted import padded_box
 from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, ToyConfig, toy_task
 
-ENV = EnvConfig(env_id="visual_toolbox", kwargs={"max_turns": 3, "prompt_style": "plain"})  # as tiny_zoom_cpu
-
 
 def views(config: ToyConfig, n: int, zoomed: bool) -> tuple[list[np.ndarray], torch.Tensor]:
     """The first ``n`` tasks' images (whole, or cropped to the scripted zoom box) and answer indices."""
@@ -80,14 +78,17 @@ def train_reader(visual: torch.nn.Module, processor, images: list[np.ndarray], l
     return accuracies
 
 
-def answer_episodes(config: ToyConfig, processor, n: int) -> tuple[list[PackedEpisode], list[int], list[int]]:
-    """Scripted zoom-then-answer episodes with the loss on the answer's colour token only; its positions and
-    the answer indices."""
+def answer_episodes(config: ToyConfig, processor, n: int, budget: int) -> tuple[list[PackedEpisode], list[int],
+                                                                               list[int]]:
+    """Scripted zoom-then-answer episodes in the env of configs/tiny_zoom_cpu.yaml, with the loss on the
+    answer's colour token only; its positions and the answer indices."""
+    env = EnvConfig(env_id="visual_toolbox", kwargs={"max_turns": 3, "prompt_style": "plain",
+                                                     "min_pixels": budget, "max_pixels": budget})
     tasks = SyntheticTaskSource(n, seed=0, kind="toy_zoom", frame_layout=config.frame_layout,
                                 frame_size=config.frame_size)
     colour_ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in TOY_COLORS]
     episodes, positions, labels = [], [], []
-    for ctx in demonstrations([tasks[i] for i in range(n)], ENV, processor, max_total_tokens=1024):
+    for ctx in demonstrations([tasks[i] for i in range(n)], env, processor, max_total_tokens=1024):
         episode = PackedEpisode.from_context(ctx)
         position = max(i for i, t in enumerate(episode.token_ids) if t in colour_ids)
         episode.loss_mask = [int(i == position) for i in range(len(episode))]
@@ -167,7 +168,7 @@ def main() -> None:
               f"{final['zoomed crop'] / max(final['full view'], 1e-9):.2f}x")
         if args.policy_steps:
             print("policy: answer-token SFT on scripted zoom episodes, held-out accuracy every 25 steps")
-            episodes, positions, labels = answer_episodes(config, processor, args.n + args.n_test)
+            episodes, positions, labels = answer_episodes(config, processor, args.n + args.n_test, args.budget)
             colour_ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in TOY_COLORS]
             for name, model in (("random tower", load_model(model_dir)),
                                 ("tower pretrained on crops", eyes["zoomed crop"])):
