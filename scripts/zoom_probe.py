@@ -28,7 +28,7 @@ from PIL import Image
 from deepeyes_agent.data import demonstrations
 from deepeyes_agent.models import build_tiny_qwen2_5_vl, load_model, load_processor
 from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes
-from deepeyes_agent.rllib.losses import forward_logits
+from deepeyes_agent.rllib.losses import forward_logits, sft_loss
 from deepeyes_agent.train_config import EnvConfig
 from deepeyes_envs.scripted import padded_box
 from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, ToyConfig, toy_task
@@ -108,10 +108,7 @@ def train_policy_answers(model: torch.nn.Module, episodes: list[PackedEpisode], 
     for step in range(steps):
         model.train()
         batch = collate_episodes([episodes[i] for i in rng.choice(n_train, 16, replace=False)])
-        logprobs = torch.log_softmax(forward_logits(model, batch)[:, :-1].float(), -1)
-        picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-        mask = batch["loss_mask"][:, 1:].float()
-        loss = -(picked * mask).sum() / mask.sum()
+        loss, _ = sft_loss(model, batch, (), normalizer=float(batch["loss_mask"].sum()))  # one answer token each
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
