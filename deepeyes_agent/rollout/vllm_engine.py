@@ -178,10 +178,7 @@ class VLLMCore:
         kwargs = {**defaults, **llm_kwargs, "logprobs_mode": "processed_logprobs"}
         if not kwargs.get("enable_chunked_prefill", True):  # then vLLM wants whole prompts in one step
             kwargs.setdefault("max_num_batched_tokens", kwargs.get("max_model_len") or _max_positions(model))
-        # In one process, vLLM's CPU worker replaces torch.set_num_threads by a warning that its multimodal
-        # renderer then triggers for every request with images: dozens of identical lines per batch.
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-            lambda record: "torch.set_num_threads" not in record.getMessage())
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_without_set_num_threads_warning)  # once per process
         start = time.perf_counter()
         self.llm = LLM(model=str(model), **kwargs)
         self.init_s = time.perf_counter() - start
@@ -265,6 +262,12 @@ class VLLMCore:
         import gc
 
         gc.collect()
+
+
+def _without_set_num_threads_warning(record: logging.LogRecord) -> bool:
+    """In one process, vLLM's CPU worker replaces torch.set_num_threads by a warning that its multimodal
+    renderer then triggers for every request with images: dozens of identical lines per batch."""
+    return "torch.set_num_threads" not in record.getMessage()
 
 
 def _max_positions(model: str | os.PathLike) -> int:
