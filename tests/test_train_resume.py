@@ -68,3 +68,38 @@ def test_sigkill_mid_iteration_then_resume(tmp_path, tiny_model_dir):
     assert (run_dir / "checkpoints" / "iter_6" / "DONE").exists()
     assert not any(p.name.startswith("tmp-") for p in (run_dir / "checkpoints").iterdir())
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_written_before_the_package_move_restores(ray_local, tmp_path):
+    """A checkpoint of main at 26fdf5b (tests/data/checkpoint_26fdf5b) resumes with today's classes."""
+    import pickle
+    import shutil
+
+    import torch
+
+    from deepeyes_agent.rllib.config import DeepEyesConfig
+    from deepeyes_agent.train_config import load_config
+
+    data = ROOT / "tests" / "data" / "checkpoint_26fdf5b"
+    checkpoint = tmp_path / "iter_1"
+    shutil.copytree(data / "run" / "checkpoints" / "iter_1", checkpoint)
+    cfg = load_config(None, ["model.build_tiny=false", f"model.path={data / 'model'}", "sft.steps=2",
+                             "rollout.prompts_per_iteration=2", "rollout.rollouts_per_prompt=2",
+                             "algorithm.micro_batch_size=4", "resources.torch_threads=1"])
+    module_state = checkpoint / "learner_group" / "learner" / "rl_module" / "default_policy" / "module_state.pkl"
+    saved = pickle.loads(module_state.read_bytes())
+    algo = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        fresh = {k: v.clone() for k, v in algo.learner_group._learner.model.state_dict().items()}
+        algo.restore_from_path(str(checkpoint))
+        assert algo.iteration == 1 and algo.sft_done
+        assert algo.schedule.get_state() == {"epoch": 0, "cursor": 2}
+        weights = algo.learner_group._learner.model.state_dict()
+        assert set(weights) == set(saved)
+        assert all(torch.equal(weights[k], torch.as_tensor(saved[k])) for k in saved)
+        assert any(not torch.equal(fresh[k], weights[k]) for k in saved), "the checkpoint differs from the start"
+        assert algo.learner_group._learner.get_optimizer().state, "optimizer moments were restored"
+        algo.train()
+        assert algo.iteration == 2
+    finally:
+        algo.stop()
