@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. rollout.temperature=0.7")
     args = parser.parse_args(argv)
 
-    from deepeyes_agent.train_config import ConfigError, describe, load_config
+    from deepeyes_agent.training.config import ConfigError, describe, load_config
 
     if args.describe:
         print(describe())
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
-    from deepeyes_agent.trainer import train
+    from deepeyes_agent.training.driver import train
 
     result = train(cfg, address=args.address)
     last = result.get("last_eval") or {}

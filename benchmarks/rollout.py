@@ -27,12 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from deepeyes_agent.models import build_tiny_qwen2_5_vl, load_policy  # noqa: E402
+from deepeyes_agent.policy.loading import load_policy  # noqa: E402
+from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl  # noqa: E402
 from deepeyes_agent.rollout.engine import SamplingParams  # noqa: E402
 from deepeyes_agent.rollout.hf_engine import HFEngine  # noqa: E402
 from deepeyes_agent.rollout.loop import run_episodes  # noqa: E402
 from deepeyes_agent.rollout.scripted import ScriptedActions  # noqa: E402
-from deepeyes_agent.trajectory import TrajectoryBatch  # noqa: E402
+from deepeyes_agent.rollout.trajectory import TrajectoryBatch  # noqa: E402
 from deepeyes_envs.synthetic import SyntheticTaskSource  # noqa: E402
 
 MODES = (("one-at-a-time", False), ("one-at-a-time", True), ("batched", False), ("batched", True))

@@ -36,9 +36,9 @@ def main() -> None:
 
     import ray
 
-    from deepeyes_agent.rllib.config import DeepEyesConfig
-    from deepeyes_agent.train_config import load_config
-    from deepeyes_agent.trainer import prepare_run_dir, start_ray
+    from deepeyes_agent.training.config import load_config
+    from deepeyes_agent.training.driver import prepare_run_dir, start_ray
+    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml",

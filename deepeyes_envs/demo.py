@@ -15,20 +15,23 @@ import gymnasium as gym
 from .registry import registered_envs
 from .render import HTMLTranscript
 from .scripted import scripted_turns
+from .synthetic import SyntheticTaskSource
 
 
 def play(env_name: str, episodes: int, seed: int) -> tuple[list[dict], list[str]]:
     env = gym.make(env_name, render_mode="html")
+    tasks = SyntheticTaskSource(n=episodes, seed=seed)
     rows, pages = [], []
     for episode in range(episodes):
-        _, reset_info = env.reset(seed=seed + episode)
+        task = tasks[episode]
+        _, reset_info = env.reset(seed=seed + episode, options={"task": task})
         start = time.perf_counter()
-        for turn in scripted_turns(env.unwrapped):
+        for turn in scripted_turns(task, reset_info):
             _, reward, terminated, truncated, info = env.step(turn)
             if terminated or truncated:
                 break
         parts, summary = info["reward_parts"], info["episode"]
-        rows.append({"episode": episode, "task": env.unwrapped.task.task_id, "size": reset_info["image_size"],
+        rows.append({"episode": episode, "task": task.task_id, "size": reset_info["image_size"],
                      "turns": summary["turns"], "answer": parts["answer"], "acc": parts["acc"],
                      "reward": reward, "iou": summary["mean_iou"], "ms": 1000 * (time.perf_counter() - start)})
         pages.append(env.render().body)

@@ -12,8 +12,8 @@ boxes in the frame of the image the model saw and generates its prompt from the 
 
 from __future__ import annotations
 
+import logging
 import os
-import traceback
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -39,6 +39,8 @@ from .rewards import EpisodeOutcome, grounding_iou, score_episodes
 from .spaces import AgentTurnSpace, ConversationSpace
 from .tasks import Task, TaskSource, as_task_source
 from .tools import Tool, ToolContext, ToolError, make_tool
+
+logger = logging.getLogger(__name__)
 
 PROMPT_STYLES = ("deepeyes_v2", "dynamic", "plain")
 COORDINATE_FRAMES = ("original", "seen")
@@ -200,6 +202,7 @@ class ToolEnv(gym.Env):
         width, height = self.images[0].shape[1], self.images[0].shape[0]
         return {"task_id": self.task.task_id, "data_source": self.task.data_source,
                 "image_size": (width, height), "seen_size": self.seen_sizes[0],
+                "coordinate_frame": self.coordinate_frame, "max_turns": self.max_turns,
                 "tools": self._tools_for(self.task)}
 
     # -- step ------------------------------------------------------------------------------------
@@ -213,10 +216,10 @@ class ToolEnv(gym.Env):
         self._response_chunks.append(content + IM_END)
         info: dict[str, Any] = {"turn": self.turn, "finish_reason": finish_reason, "warnings": warnings,
                                 "tool_calls": [], "error": None}
-        end = self._end_reason(text, finish_reason, info)
+        end, parsed = self._end_reason(text, finish_reason, info)
         if end is not None:
             return self._finish(end, info)
-        obs_messages = self._run_tools(info)
+        obs_messages = self._run_tools(parsed, info)
         self.messages.extend(obs_messages)
         self._response_chunks.append(render_qwen_observation(obs_messages))
         return {"messages": tuple(obs_messages)}, 0.0, False, False, info
@@ -245,29 +248,28 @@ class ToolEnv(gym.Env):
             warnings.append("the turn held characters that cannot be encoded as UTF-8; they were replaced")
         return clean, finish_reason, warnings
 
-    def _end_reason(self, text: str, finish_reason: Optional[str], info: dict[str, Any]) -> Optional[tuple]:
-        """(terminated, truncated, reason) when this turn ends the episode, else None; fills ``info``."""
+    def _end_reason(self, text: str, finish_reason: Optional[str],
+                    info: dict[str, Any]) -> tuple[Optional[tuple], Optional[ParsedTurn]]:
+        """((terminated, truncated, reason) when this turn ends the episode, else None; the parsed turn)."""
         if len(text) > self.action_space.max_length:
             info["error"] = f"turn of {len(text)} characters exceeds the limit of {self.action_space.max_length}"
-            return False, True, "turn_too_long"
+            return (False, True, "turn_too_long"), None
         if finish_reason == "length":
-            return False, True, "length"
+            return (False, True, "length"), None
         if not text.strip():
-            return True, False, "empty_turn"
+            return (True, False, "empty_turn"), None
         parsed = parse_turn(text, strict=self.strict)
         info["parsed"] = parsed.kind
-        info["_parsed"] = parsed
         if parsed.kind == "answer":
             info["answer"] = parsed.answer
-            return True, False, "answer"
+            return (True, False, "answer"), parsed
         if parsed.kind == "no_tool_call":
-            return True, False, "no_tool_call"
+            return (True, False, "no_tool_call"), parsed
         if self.turn >= self.max_turns:
-            return False, True, "max_turns"
-        return None
+            return (False, True, "max_turns"), parsed
+        return None, parsed
 
-    def _run_tools(self, info: dict[str, Any]) -> list[Message]:
-        parsed: ParsedTurn = info.pop("_parsed")
+    def _run_tools(self, parsed: ParsedTurn, info: dict[str, Any]) -> list[Message]:
         if parsed.kind == "invalid":
             info["error"] = parsed.error
             return [self._error_observation(parsed.error)]
@@ -291,7 +293,7 @@ class ToolEnv(gym.Env):
         except ToolError as exc:
             return self._call_failed(record, info, str(exc))
         except Exception as exc:  # a broken tool must not kill the episode: the model reads the error
-            record["traceback"] = traceback.format_exc()
+            logger.debug("tool %s raised on %r", call.name, call.arguments, exc_info=True)
             return self._call_failed(record, info, f"{type(exc).__name__}: {exc}")
         record.update(ok=True, **result.info)
         self._record_zoom(record)
@@ -350,7 +352,6 @@ class ToolEnv(gym.Env):
     # -- the end -----------------------------------------------------------------------------------
     def _finish(self, end: tuple, info: dict[str, Any]):
         terminated, truncated, reason = end
-        info.pop("_parsed", None)
         self._done = True
         info["end_reason"] = reason
         outcome = EpisodeOutcome(response_text="".join(self._response_chunks), task=self.task,

@@ -19,10 +19,16 @@ Message = dict[str, Any]
 Part = dict[str, Any]
 
 IMAGE_PLACEHOLDER = "<image>"
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# The control tokens of the Qwen chat format; the one place they are spelled (the agent imports them).
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+QWEN_SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+QWEN_IMAGE = VISION_START + IMAGE_PAD + VISION_END
 
 
 def text_part(text: str) -> Part:

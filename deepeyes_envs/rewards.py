@@ -14,13 +14,13 @@ from typing import Optional
 
 from .judges import Judge, JudgeRequest, Verdict
 from .judges.math import MathJudge, extract_boxed
-from .messages import QWEN_IMAGE
+from .messages import IMAGE_PAD, VISION_END, VISION_START
 from .tasks import Box, Task
 
 MATH_SOURCES = frozenset({"thinklite_eureka"})
 MAX_ANSWER_CHARS = 1000
-_VISION_OPEN_PAIR = QWEN_IMAGE[: QWEN_IMAGE.index("<|vision_end|>")]  # vision start + image pad
-_VISION_CLOSE_PAIR = QWEN_IMAGE[QWEN_IMAGE.index("<|image_pad|>"):]  # image pad + vision end
+_VISION_OPEN_PAIR = VISION_START + IMAGE_PAD
+_VISION_CLOSE_PAIR = IMAGE_PAD + VISION_END
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ whole env loop: with it every episode should end with acc 1, a tool bonus and Io
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
-from .env import ToolEnv
 from .images import box_to_seen
-from .tasks import Box
+from .tasks import Box, Task
 
 MIN_CROP_SIDE = 32  # the zoom tool rejects crops whose shorter side is 30 px or less
 
@@ -33,18 +34,19 @@ def answer_turn(answer: str, thought: str = "The zoomed view shows it clearly.")
     return f"<think>{thought}</think>\n<answer>{answer}</answer>"
 
 
-def scripted_turns(env: ToolEnv) -> list[str]:
-    """The turns that solve the env's current episode: one zoom per ground-truth box, then the answer.
+def scripted_turns(task: Task, reset_info: Mapping[str, Any]) -> list[str]:
+    """The turns that solve an episode of ``task``: one zoom per ground-truth box, then the answer.
 
-    Boxes are written in the coordinate frame the env reads, so this works for every env flavour.
+    ``reset_info`` is what the env's ``reset`` returned for it: boxes are written in the coordinate frame the
+    env reads (``coordinate_frame``, ``image_size``, ``seen_size``), so this works for every env flavour, and
+    the zooms leave the last of ``max_turns`` for the answer.
     """
-    task = env.task
-    height, width = env.images[0].shape[:2]
+    width, height = reset_info["image_size"]
     turns = []
-    for box in task.gt_boxes[: env.max_turns - 1]:
+    for box in task.gt_boxes[: reset_info["max_turns"] - 1]:
         box = padded_box(box, width, height)
-        if env.coordinate_frame == "seen":
-            box = box_to_seen(box, env.seen_sizes[0], (width, height))
+        if reset_info["coordinate_frame"] == "seen":
+            box = box_to_seen(box, reset_info["seen_size"], (width, height))
         turns.append(zoom_turn(box))
     turns.append(answer_turn(task.answer))
     return turns

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepeyes_agent.data import demonstrations
-from deepeyes_agent.models import build_tiny_qwen2_5_vl, load_model, load_processor
-from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes
-from deepeyes_agent.rllib.losses import forward_logits, sft_loss
-from deepeyes_agent.train_config import EnvConfig
+from deepeyes_agent.policy.loading import load_model, load_processor
+from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
+from deepeyes_agent.training.batch import PackedEpisode, collate_episodes
+from deepeyes_agent.training.config import EnvConfig
+from deepeyes_agent.training.demonstrations import demonstrations
+from deepeyes_agent.training.losses import forward_logits, sft_loss
 from deepeyes_envs.scripted import padded_box
 from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, ToyConfig, toy_task
 

@@ -12,8 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny random Qwen2.5-VL (deepeyes_agent.models.build_tiny_qwen2_5_vl), built once per session."""
-    from deepeyes_agent.models import build_tiny_qwen2_5_vl
+    """A tiny random Qwen2.5-VL (deepeyes_agent.policy.tiny.build_tiny_qwen2_5_vl), built once per session."""
+    from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=0)
 
@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
     """The tiny policy (model + processor), loaded once per test module: modules may train or edit it."""
-    from deepeyes_agent.models import load_policy
+    from deepeyes_agent.policy.loading import load_policy
 
     return load_policy(tiny_model_dir)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepeyes_agent.chat import EpisodeContext, PromptTooLongError, VisionTokenizer, collate
-from deepeyes_agent.models import token_logprobs
+from deepeyes_agent.policy.chat import EpisodeContext, PromptTooLongError, VisionTokenizer, collate
+from deepeyes_agent.policy.logprobs import token_logprobs
 from deepeyes_agent.rollout.engine import Generation, SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_envs.messages import (

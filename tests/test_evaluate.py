@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deepeyes_agent.benchmarks import load_benchmark, load_hrbench, load_vstar, shuffle_options
-from deepeyes_agent.evaluate import EvalConfig, EvalJudge, benchmark_metrics, main, run_evaluation
-from deepeyes_agent.runners import EndpointRunner
-from deepeyes_agent.trajectory import load_trajectories
+from deepeyes_agent.offline.benchmark_files import load_benchmark, load_hrbench, load_vstar, shuffle_options
+from deepeyes_agent.offline.evaluate import EvalConfig, EvalJudge, benchmark_metrics, main, run_evaluation
+from deepeyes_agent.rollout.runners import EndpointRunner
+from deepeyes_agent.rollout.trajectory import load_trajectories
 from deepeyes_envs.judges import JudgeRequest
 from deepeyes_envs.rewards import grounding_iou
 from deepeyes_envs.scripted import padded_box
@@ -198,7 +198,7 @@ def test_endpoint_evaluation_metrics_trajectories_and_requests(tmp_path):
     assert len(urls) == 1 and urls[0].startswith("data:image/png;base64,")
     decoded = Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1])))
     assert decoded.size == (448, 336)
-    second = bodies[1]["messages"]
+    second = next(b["messages"] for b in bodies if len(b["messages"]) > 2)  # a second turn (episodes interleave)
     assert second[2]["role"] == "assistant" and second[2]["content"].endswith("</tool_call>")  # restored
     assert sum(p["type"] == "image_url" for p in second[3]["content"]) == 1  # the crop went back
     # every sample points at its saved trajectory

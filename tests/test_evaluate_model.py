@@ -8,9 +8,9 @@ import json
 import pytest
 from test_evaluate import make_hrbench, make_vstar
 
-from deepeyes_agent.benchmarks import load_benchmark
-from deepeyes_agent.evaluate import EvalConfig, main, run_evaluation
-from deepeyes_agent.runners import EndpointRunner
+from deepeyes_agent.offline.benchmark_files import load_benchmark
+from deepeyes_agent.offline.evaluate import EvalConfig, main, run_evaluation
+from deepeyes_agent.rollout.runners import EndpointRunner
 
 
 @pytest.mark.slow

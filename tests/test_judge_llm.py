@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import pickle
 import socket
-import time
 
 import pytest
 from fault_server import FaultServer
@@ -114,14 +113,31 @@ def test_transient_failures_are_retried(server: FaultServer) -> None:
     assert stats["retries"] == 4 and stats["requests"] == 5 and stats["fallbacks"] == 0
 
 
-def test_backoff_is_exponential(server: FaultServer) -> None:
-    server.plan = ["status:500"] * 3
-    judge = LLMJudge(base_url=server.base_url, model="m", backoff_base=0.1, backoff_max=10, max_retries=3)
-    start = time.perf_counter()
-    judge.judge(UNSURE)
-    elapsed = time.perf_counter() - start
-    # waits of 0.05-0.1, 0.1-0.2 and 0.2-0.4 s: at least 0.35 s in all, and not a fixed tiny delay
-    assert 0.35 <= elapsed < 2.0
+def test_backoff_is_exponential_with_jitter_and_honours_retry_after() -> None:
+    from deepeyes_envs.http import RetryPolicy
+
+    class Fixed:  # the jitter's random draw, pinned to its ends
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def random(self) -> float:
+            return self.value
+
+    policy = RetryPolicy(max_retries=3, backoff_base=0.1, backoff_max=1.0)
+    assert [policy.delay(k, rng=Fixed(1.0)) for k in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])
+    assert [policy.delay(k, rng=Fixed(0.0)) for k in range(3)] == pytest.approx([0.05, 0.1, 0.2])
+    assert policy.delay(0, http_error(429, {"retry-after": "0.7"}), rng=Fixed(0.0)) == pytest.approx(0.7)
+    assert policy.delay(0, http_error(429, {"retry-after": "60"})) == pytest.approx(1.0)  # capped at backoff_max
+    assert policy.delay(0, http_error(429, {"retry-after": "soon"}), rng=Fixed(1.0)) == pytest.approx(0.1)
+
+
+def http_error(status: int, headers: dict[str, str]) -> Exception:
+    """An HTTP error as the openai client raises it: only ``.response.headers`` is read."""
+    from types import SimpleNamespace
+
+    error = Exception(f"HTTP {status}")
+    error.response = SimpleNamespace(status_code=status, headers=headers)
+    return error
 
 
 def test_client_errors_are_not_retried(server: FaultServer) -> None:
@@ -134,9 +150,7 @@ def test_client_errors_are_not_retried(server: FaultServer) -> None:
 def test_hang_times_out_then_falls_back_to_rules(server: FaultServer) -> None:
     server.default = "hang"
     judge = fast_judge(server.base_url, timeout=0.3, max_retries=1, on_failure="fallback")
-    start = time.perf_counter()
     verdict = judge.judge(UNSURE)
-    assert time.perf_counter() - start < 3.0
     # the rule judge decides: "red" is contained in the answer
     assert (verdict.correct, verdict.source) == (1.0, "fallback")
     assert server.base_url in verdict.raw
@@ -203,12 +217,9 @@ def test_cache_can_be_disabled(server: FaultServer) -> None:
 def test_concurrency_bound_is_respected(server: FaultServer) -> None:
     server.delay = 0.05
     judge = fast_judge(server.base_url, concurrency=5)
-    start = time.perf_counter()
     verdicts = judge.judge_batch([unsure(i) for i in range(40)])
-    elapsed = time.perf_counter() - start
     assert all(v.source == "llm" for v in verdicts)
-    assert server.max_in_flight == 5 and judge.stats()["in_flight_max"] == 5
-    assert elapsed < 40 * 0.05  # concurrent, not one by one
+    assert server.max_in_flight == 5 and judge.stats()["in_flight_max"] == 5  # concurrent, and bounded
 
 
 def test_counters(server: FaultServer) -> None:
@@ -220,7 +231,7 @@ def test_counters(server: FaultServer) -> None:
     expected = {"rule_decisions": 1, "llm_decisions": 2, "cache_hits": 1, "retries": 1, "fallbacks": 0}
     assert {k: stats[k] for k in expected} == expected
     assert stats["requests"] == 4  # /models, two chats and one retry
-    assert 0.02 <= stats["latency_mean_s"] <= stats["latency_max_s"] < 2.0
+    assert 0 < stats["latency_mean_s"] <= stats["latency_max_s"]
     judge.reset_stats()
     assert judge.stats()["llm_decisions"] == 0
 

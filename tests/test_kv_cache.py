@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_chat_consistency import error_observation, play, synthetic_image, zoom_observation
 
-from deepeyes_agent.chat import collate
-from deepeyes_agent.models import token_logprobs
+from deepeyes_agent.policy.chat import collate
+from deepeyes_agent.policy.logprobs import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 

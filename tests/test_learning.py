@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from deepeyes_agent.train_config import load_config
+from deepeyes_agent.training.config import load_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rl_raises_heldout_accuracy_above_the_sft_warm_start(tmp_path, tiny_model_dir):
-    from deepeyes_agent.run_log import read_metrics
-    from deepeyes_agent.trainer import train
+    from deepeyes_agent.training.driver import train
+    from deepeyes_agent.training.run_log import read_metrics
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml",
                       [f"logging.run_dir={tmp_path}/run", "model.build_tiny=false", f"model.path={tiny_model_dir}",

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepeyes_agent.models import (
-    QWEN_SPECIAL_TOKENS,
-    TAG_TOKENS,
-    QwenVLImageProcessor,
-    build_tiny_qwen2_5_vl,
-    load_policy,
-    load_processor,
-)
+from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_policy, load_processor
+from deepeyes_agent.policy.tiny import TAG_TOKENS, build_tiny_qwen2_5_vl
+from deepeyes_envs.messages import QWEN_SPECIAL_TOKENS
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +96,7 @@ def test_chat_template_matches_env_renderer(policy) -> None:
 def test_build_tiny_command(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "cmd"
-    result = subprocess.run([sys.executable, "-m", "deepeyes_agent.models", "build-tiny", str(out)],
+    result = subprocess.run([sys.executable, "-m", "deepeyes_agent.policy.tiny", "build", str(out)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "built tiny Qwen2.5-VL" in result.stdout

@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from deepeyes_agent.algorithms import value_loss
-from deepeyes_agent.chat import EpisodeContext, VisionTokenizer
-from deepeyes_agent.data import TaskSchedule, demonstration, demonstrations
-from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, collate_episodes, micro_batches
-from deepeyes_agent.rllib.losses import (
+from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer
+from deepeyes_agent.rollout.engine import SamplingParams
+from deepeyes_agent.rollout.hf_engine import HFEngine
+from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, collate_episodes, micro_batches
+from deepeyes_agent.training.config import EnvConfig
+from deepeyes_agent.training.demonstrations import demonstration, demonstrations
+from deepeyes_agent.training.losses import (
     LossSettings,
     critic_values,
+    forward_logits,
     forward_with_values,
     last_hidden_state,
-    rl_loss,
     rl_loss_from_logits,
     sampled_token_stats,
     token_count,
+    value_loss,
 )
-from deepeyes_agent.rollout.engine import SamplingParams
-from deepeyes_agent.rollout.hf_engine import HFEngine
-from deepeyes_agent.train_config import EnvConfig
+from deepeyes_agent.training.tasks import TaskSchedule
 from deepeyes_envs.messages import image_part, message
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
@@ -52,6 +53,10 @@ def episodes(policy):
         packed.append(PackedEpisode.from_context(ctx, reward=float(i % 2) - 0.2 * (i % 3 == 0), group_id=i // 2))
     assign_advantages(packed, "grpo")
     return packed
+
+
+def rl_loss(model, batch, settings, suppress, normalizer):
+    return rl_loss_from_logits(forward_logits(model, batch), batch, settings, suppress, normalizer)
 
 
 def _grads(model, batches, normalizer, settings, suppress):

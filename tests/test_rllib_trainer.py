@@ -14,12 +14,12 @@ ray = pytest.importorskip("ray")
 
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 
-from deepeyes_agent.chat import EpisodeContext  # noqa: E402
-from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages  # noqa: E402
-from deepeyes_agent.rllib.config import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.policy.chat import EpisodeContext  # noqa: E402
 from deepeyes_agent.rollout.engine import SamplingParams  # noqa: E402
 from deepeyes_agent.rollout.hf_engine import HFEngine  # noqa: E402
-from deepeyes_agent.train_config import load_config  # noqa: E402
+from deepeyes_agent.training.batch import PackedEpisode, assign_advantages  # noqa: E402
+from deepeyes_agent.training.config import load_config  # noqa: E402
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig  # noqa: E402
 from deepeyes_envs.messages import image_part, message  # noqa: E402
 
 pytestmark = pytest.mark.slow

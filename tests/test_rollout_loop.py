@@ -6,16 +6,15 @@ the right answer) while the model samples every turn for real; observations are 
 
 from __future__ import annotations
 
-import gymnasium as gym
 import pytest
 import torch
 
-from deepeyes_agent.chat import collate
-from deepeyes_agent.models import token_logprobs
+from deepeyes_agent.policy.chat import collate
+from deepeyes_agent.policy.logprobs import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
-from deepeyes_agent.rollout.loop import run_env_episodes, run_episodes
-from deepeyes_agent.rollout.scripted import ScriptedActions, scripted_env
+from deepeyes_agent.rollout.loop import run_episodes
+from deepeyes_agent.rollout.scripted import ScriptedActions, zoom_script
 from deepeyes_envs.scripted import answer_turn
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
@@ -71,9 +70,12 @@ def test_recorded_logprobs_equal_training_forward(policy, batch) -> None:
 
 
 def test_finished_episodes_leave_the_batch(policy, tasks) -> None:
-    envs = [scripted_env(script=[answer_turn("red")]), scripted_env()]
+    def script(task, info):  # the first episode answers at once, the second zooms three times first
+        return [answer_turn("red")] if task is tasks[0] else zoom_script(task, info)
+
     engine = HFEngine(policy.model, policy.processor)
-    out = run_env_episodes(envs, engine, policy.processor, tasks=tasks, sampling=PARAMS)
+    out = run_episodes(tasks, engine, policy.processor, sampling=PARAMS,
+                       env_wrapper=lambda env: ScriptedActions(env, script))
     assert [t.n_turns for t in out] == [1, 4]
     assert [t.turns[0].metrics["batch_size"] for t in out] == [2, 2]
     assert [t.metrics["batch_size"] for t in out[1].turns[1:]] == [1, 1, 1]
@@ -85,9 +87,8 @@ def test_observation_over_budget_truncates(policy, tasks, batch) -> None:
     first_obs = ctx.segments[2]
     budget = first_obs.end + 6 + 10  # the second observation (with its crop) cannot fit
     engine = HFEngine(policy.model, policy.processor, reuse_kv_cache=True)
-    envs = [ScriptedActions(gym.make("visual_toolbox_v2", defer_reward=True, disable_env_checker=True))]
-    (traj,) = run_env_episodes(envs, engine, policy.processor, tasks=tasks[:1], sampling=PARAMS,
-                               max_total_tokens=budget)
+    (traj,) = run_episodes(tasks[:1], engine, policy.processor, sampling=PARAMS, env_wrapper=ScriptedActions,
+                           max_total_tokens=budget)
     assert traj.end_reason == "token_budget" and traj.truncated and not traj.terminated
     assert traj.n_turns == 2 and traj.turns[-1].observation_dropped and traj.turns[-1].observation
     assert len(traj.images) == 2 and len(traj.token_ids) <= budget

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deepeyes_agent.reporting import ResultsLog, SettingsMismatchError
-from deepeyes_agent.runners import EndpointRunner
-from deepeyes_agent.selection import SelectionConfig, SelectionRules, main, run_selection
+from deepeyes_agent.offline.reporting import ResultsLog, SettingsMismatchError
+from deepeyes_agent.offline.selection import SelectionConfig, SelectionRules, main, run_selection
+from deepeyes_agent.rollout.runners import EndpointRunner
 from deepeyes_envs.datasets import write_deepeyes_parquet
 from deepeyes_envs.synthetic import SyntheticTaskSource
 

@@ -1,4 +1,4 @@
-"""The typed training config: defaults, files, overrides, and errors that say what is wrong."""
+"""The typed training config (pydantic): defaults, files, overrides, and errors that say what is wrong."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from deepeyes_agent.train_config import ConfigError, TrainConfig, all_keys, describe, load_config
+from deepeyes_agent.settings import leaf_settings
+from deepeyes_agent.training.config import ConfigError, TrainConfig, describe, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_setting_has_a_help_text_and_a_default():
-    keys = all_keys()
+    keys = leaf_settings(TrainConfig)
     assert len(keys) > 60
-    missing = [k for k, f in keys.items() if not f.metadata.get("help")]
+    missing = [k for k, f in keys.items() if not f.description]
     assert not missing, f"settings without help: {missing}"
     table = describe()
     assert "`rollout.temperature`" in table and "`optim.lr`" in table
@@ -32,6 +33,14 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.iterations == 3
 
 
+def test_overrides_reach_into_dict_settings_and_replace_them_whole(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {build_tiny: true}\ndata: {options: {frame_layout: center, n_colors: 4}}\n")
+    cfg = load_config(path, ["data.options.frame_layout=quadrants"])
+    assert cfg.data.options == {"frame_layout": "quadrants", "n_colors": 4}
+    assert load_config(path, ["data.options={n_colors: 3}"]).data.options == {"n_colors": 3}
+
+
 def test_unknown_key_names_the_closest_valid_one():
     with pytest.raises(ConfigError, match="did you mean 'rollout.temperature'"):
         load_config(None, ["model.build_tiny=true", "rollout.temprature=1.0"])
@@ -40,19 +49,23 @@ def test_unknown_key_names_the_closest_valid_one():
 
 
 def test_wrong_types_and_bad_combinations_are_errors():
-    with pytest.raises(ConfigError, match="rollout.temperature: expected float"):
+    with pytest.raises(ConfigError, match="rollout.temperature: Input should be a valid number.*'hot'"):
         load_config(None, ["model.build_tiny=true", "rollout.temperature=hot"])
-    with pytest.raises(ConfigError, match="iterations: expected int"):
+    with pytest.raises(ConfigError, match="iterations: Input should be a valid integer"):
         load_config(None, ["model.build_tiny=true", "iterations=2.5"])
-    with pytest.raises(ConfigError, match="advantage"):
+    with pytest.raises(ConfigError, match="algorithm.advantage: Input should be 'grpo', 'dr_grpo'.*'ppo2'"):
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=ppo2"])
+    with pytest.raises(ConfigError, match="data.kind: .*must be one of"):
+        load_config(None, ["model.build_tiny=true", "data.kind=toys"])
+    with pytest.raises(ConfigError, match="the processor's budget"):
+        load_config(None, ["model.build_tiny=true", "env.kwargs={max_pixels: 3136}"])
     with pytest.raises(ConfigError, match="group baseline"):
         load_config(None, ["model.build_tiny=true", "rollout.rollouts_per_prompt=1"])
-    with pytest.raises(ConfigError, match="learner_sharding must be"):
+    with pytest.raises(ConfigError, match="resources.learner_sharding: Input should be 'none' or 'fsdp2'"):
         load_config(None, ["model.build_tiny=true", "resources.learner_sharding=fsdp"])
-    with pytest.raises(ConfigError, match="vf_clip"):
+    with pytest.raises(ConfigError, match="algorithm.vf_clip: Input should be greater than 0"):
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "algorithm.vf_clip=0"])
-    with pytest.raises(ConfigError, match="lam"):
+    with pytest.raises(ConfigError, match="algorithm.lam: Input should be less than or equal to 1"):
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "algorithm.lam=1.5"])
     # PPO needs no group: one rollout per task is fine, and the value clip can be switched off
     ppo = load_config(None, ["model.build_tiny=true", "algorithm.advantage=gae", "rollout.rollouts_per_prompt=1",
@@ -73,7 +86,7 @@ def test_unknown_key_in_a_file_is_an_error(tmp_path):
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
-    if name == "deepeyes_7b":  # REFERENCE.md section 5
+    if name == "deepeyes_7b":  # docs/deepeyes.md, the training recipe
         assert (cfg.rollout.prompts_per_iteration, cfg.rollout.rollouts_per_prompt) == (256, 16)
         assert cfg.optim.lr == 1e-6 and cfg.optim.weight_decay == 0.01 and cfg.optim.grad_clip == 1.0
         assert cfg.algorithm.clip_ratio_low == 0.2 and cfg.algorithm.loss_agg == "token-mean"

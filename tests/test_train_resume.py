@@ -77,8 +77,8 @@ def test_checkpoint_written_before_the_package_move_restores(ray_local, tmp_path
 
     import torch
 
-    from deepeyes_agent.rllib.config import DeepEyesConfig
-    from deepeyes_agent.train_config import load_config
+    from deepeyes_agent.training.config import load_config
+    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
     data = ROOT / "tests" / "data" / "checkpoint_26fdf5b"
     checkpoint = tmp_path / "iter_1"

@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from test_rllib_trainer import tiny_config  # noqa: E402
 
-from deepeyes_agent.rllib.config import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 SYNCED_GAP = 1e-4  # float32 CPU kernels differ by ~1e-6 (tests/test_vllm_engine.py)

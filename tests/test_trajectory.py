@@ -9,7 +9,7 @@ from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.rollout.loop import run_episodes
 from deepeyes_agent.rollout.scripted import ScriptedActions, scripted_env, zoom_script
-from deepeyes_agent.trajectory import load_trajectories, messages_equal, replay, save_trajectories
+from deepeyes_agent.rollout.trajectory import load_trajectories, messages_equal, replay, save_trajectories
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 torch.set_num_threads(2)
@@ -58,7 +58,7 @@ def test_replay_reproduces_observations(loaded) -> None:
     assert result.ok, result.mismatches
     assert len(result.observations) == traj.n_turns == 4 and result.end_reason == "answer"
     # A different script zooms elsewhere: replay notices.
-    other = replay(traj, env=scripted_env(script=lambda env: zoom_script(env, zooms=((0.1, 0.1, 0.6, 0.6),) * 3)))
+    other = replay(traj, env=scripted_env(script=lambda task, info: zoom_script(task, info, zooms=((0.1, 0.1, 0.6, 0.6),) * 3)))
     assert not other.ok and "turn 0: observation differs" in other.mismatches
 
 

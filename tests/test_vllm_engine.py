@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepeyes_agent.chat import EpisodeContext, VisionTokenizer, collate
-from deepeyes_agent.models import token_logprobs
+from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer, collate
+from deepeyes_agent.policy.logprobs import token_logprobs
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 from deepeyes_agent.rollout.vllm_engine import (
     VLLMEngine,
@@ -125,8 +125,8 @@ import time
 
 import numpy as np
 
-from deepeyes_agent.chat import EpisodeContext
-from deepeyes_agent.models import load_processor
+from deepeyes_agent.policy.chat import EpisodeContext
+from deepeyes_agent.policy.loading import load_processor
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.vllm_engine import VLLMEngine
 from deepeyes_envs.messages import image_part, message

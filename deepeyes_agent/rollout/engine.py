@@ -5,7 +5,7 @@ token ids and images (never its text) and returns the new tokens with their logp
 can append them verbatim with ``EpisodeContext.append_generated``.
 
 Logprob convention (both engines): ``log softmax(logits / temperature)`` of the sampled token with the
-vision tokens removed from the distribution (``deepeyes_agent.models.sampling_logprobs``), not truncated
+vision tokens removed from the distribution (``deepeyes_agent.policy.logprobs.sampling_logprobs``), not truncated
 by top-p / top-k; a training forward with the same temperature reproduces it.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-    from deepeyes_agent.chat import EpisodeContext
+    from deepeyes_agent.policy.chat import EpisodeContext
 
 FinishReason = Literal["stop", "length"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
-from deepeyes_agent.chat import EpisodeContext, VisionTokenizer
-from deepeyes_agent.models import sampling_logprobs
+from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer
+from deepeyes_agent.policy.logprobs import sampling_logprobs
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 
 

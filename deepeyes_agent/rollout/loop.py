@@ -7,7 +7,8 @@ episode at once, through ``deepeyes_envs.rewards.score_episodes`` (the judge's c
 because a judge called per episode is the classic DeepEyes bottleneck.
 
 No Ray and no threads: a plain loop that works the same in a script, a test or a notebook. RLlib's env
-runners call :func:`run_episodes` inside their own process.
+runners call :func:`run_episodes` inside their own process. The loop knows the env only through Gymnasium's
+contract (``reset`` / ``step`` and their ``info``), so any env that keeps it plays here.
 
 Ending rules on top of the env's own (answer, no tool call, cut-off reply, max turns): an observation
 that does not fit the token budget is dropped whole, the env is closed and the trajectory ends with
@@ -26,7 +27,7 @@ from typing import Any
 import gymnasium as gym
 
 import deepeyes_envs  # noqa: F401 - registers the envs with gymnasium
-from deepeyes_agent.chat import (
+from deepeyes_agent.policy.chat import (
     DEFAULT_MAX_PROMPT_TOKENS,
     DEFAULT_MAX_TOTAL_TOKENS,
     EpisodeContext,
@@ -34,8 +35,9 @@ from deepeyes_agent.chat import (
     VisionTokenizer,
 )
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
-from deepeyes_agent.trajectory import Trajectory, TrajectoryBatch, Turn
+from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
 from deepeyes_envs.judges import JudgeSpec, make_judge
+from deepeyes_envs.messages import message_images
 from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.rewards import EpisodeOutcome, score_episodes
 from deepeyes_envs.tasks import Task
@@ -52,7 +54,6 @@ class _Episode:
     context: EpisodeContext | None = None
     outcome: EpisodeOutcome | None = None
     done: bool = False
-    own_env: bool = True
 
 
 def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per_task: int = 1,
@@ -63,15 +64,17 @@ def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per
                  progress: bool = False, env_wrapper: Callable[[gym.Env], gym.Env] | None = None) -> TrajectoryBatch:
     """Play ``n_per_task`` episodes of each task (a GRPO group per task) and return their trajectories.
 
-    Envs are made per episode with ``gym.make(env_id or env_id_for(task), defer_reward=True, **env_kwargs)``
-    and reset with ``seed + episode number`` and the task. Trajectories come back in task order, the
+    Envs are made per episode with ``gym.make(env_id or env_id_for(task), defer_reward=True, **env_kwargs)``,
+    reading images in the processor's pixel budget (:func:`env_kwargs_for`), and reset with ``seed + episode
+    number`` and the task. Trajectories come back in task order, the
     group's rollouts together; ``group_id`` is the task's index in ``tasks``. The returned list also
     carries run-level ``timings`` (reset, generate, env step, judge, total, tokens per second).
     ``env_wrapper`` wraps each new env (e.g. ``ScriptedActions`` from ``rollout.scripted``).
     """
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be at least 1, got {n_per_task}")
-    kwargs = dict(env_kwargs or {})
+    vision = VisionTokenizer(processor)
+    kwargs = env_kwargs_for(vision, env_kwargs)
     envs, plan = [], []
     for group, task in enumerate(tasks):
         name = env_id or env_id_for(task)
@@ -79,51 +82,36 @@ def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per
             env = gym.make(name, disable_env_checker=True, **{**kwargs, "defer_reward": True})
             envs.append(env_wrapper(env) if env_wrapper is not None else env)
             plan.append((task, group, k, name))
-    return _play(envs, plan, engine, processor, own_envs=True, env_kwargs=kwargs, sampling=sampling, judge=judge,
+    return _play(envs, plan, engine, vision, env_kwargs=kwargs, sampling=sampling, judge=judge,
                  max_total_tokens=max_total_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed,
                  progress=progress)
 
 
-def run_env_episodes(envs: Sequence[gym.Env], engine: Engine, processor: Any, *,
-                     tasks: Sequence[Task | None] | None = None, group_ids: Sequence[int] | None = None,
-                     sampling: SamplingParams = DEFAULT_SAMPLING, judge: JudgeSpec = "rule",
-                     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
-                     max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, seed: int = 0,
-                     progress: bool = False) -> TrajectoryBatch:
-    """Play one episode in each of the given, already made envs (a "vector" of envs, e.g. an RLlib runner's).
+def env_kwargs_for(vision: VisionTokenizer, env_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``env_kwargs`` plus the processor's pixel budget: the env must read boxes in the frame the model saw.
 
-    Each env is reset with ``seed + i`` and, when ``tasks[i]`` is given, that task (else the env draws
-    one from its own task source). Envs made with ``defer_reward=True`` are judged together at the end;
-    others score themselves at their last step and that reward is kept. The envs are not closed.
-    ``group_ids`` default to one group per env.
+    A budget given in ``env_kwargs`` that differs from the processor's would give the env another seen frame
+    than the model's, so it is an error rather than silently overridden.
     """
-    tasks = list(tasks) if tasks is not None else [None] * len(envs)
-    groups = list(group_ids) if group_ids is not None else list(range(len(envs)))
-    if not len(tasks) == len(groups) == len(envs):
-        raise ValueError(f"{len(envs)} envs, {len(tasks)} tasks and {len(groups)} group ids must match")
-    counts: dict[int, int] = {}
-    plan = []
-    for env, task, group in zip(envs, tasks, groups, strict=True):
-        spec = getattr(env, "spec", None)
-        plan.append((task, group, counts.get(group, 0), spec.id if spec is not None else type(env.unwrapped).__name__))
-        counts[group] = counts.get(group, 0) + 1
-    return _play(list(envs), plan, engine, processor, own_envs=False, env_kwargs={}, sampling=sampling, judge=judge,
-                 max_total_tokens=max_total_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed,
-                 progress=progress)
+    kwargs = dict(env_kwargs or {})
+    for key, value in (("min_pixels", vision.min_pixels), ("max_pixels", vision.max_pixels)):
+        if kwargs.setdefault(key, value) != value:
+            raise ValueError(f"env {key}={kwargs[key]} differs from the processor's {value}: set the budget on the "
+                             f"processor (load_processor(..., {key}=...)) and the envs follow it")
+    return kwargs
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, processor: Any, *, own_envs: bool,
+def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, vision: VisionTokenizer, *,
           env_kwargs: dict[str, Any], sampling: SamplingParams, judge: JudgeSpec, max_total_tokens: int,
           max_prompt_tokens: int | None, seed: int, progress: bool) -> TrajectoryBatch:
     start = time.perf_counter()
-    vision = VisionTokenizer(processor)
     timings = {"reset_s": 0.0, "generate_s": 0.0, "env_step_s": 0.0, "judge_s": 0.0}
     episodes = []
     for i, (env, (task, group, k, name)) in enumerate(zip(envs, plan, strict=True)):
         t0 = time.perf_counter()
-        episodes.append(_start(env, task, group, k, name, seed + i, processor, vision, own_envs, env_kwargs,
-                               max_total_tokens, max_prompt_tokens))
+        episodes.append(_start(env, task, group, k, name, seed + i, vision, env_kwargs, max_total_tokens,
+                               max_prompt_tokens))
         timings["reset_s"] += time.perf_counter() - t0
     turn = 0
     while active := [e for e in episodes if not e.done]:
@@ -147,8 +135,7 @@ def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, processor: Any
     _judge(episodes, judge)
     timings["judge_s"] = time.perf_counter() - t0
     for episode in episodes:
-        if episode.own_env:
-            episode.env.close()
+        episode.env.close()
         episode.trajectory.timings["judge_s"] = timings["judge_s"]
     timings["turns"] = float(turn)
     timings["total_s"] = time.perf_counter() - start
@@ -164,21 +151,18 @@ def _turn_params(sampling: SamplingParams, seed: int, turn: int) -> SamplingPara
     return dataclasses.replace(sampling, seed=base * 1009 + turn)
 
 
-def _start(env: gym.Env, task: Task | None, group: int, k: int, name: str, reset_seed: int, processor: Any,
-           vision: VisionTokenizer, own_env: bool, env_kwargs: dict[str, Any], max_total_tokens: int,
-           max_prompt_tokens: int | None) -> _Episode:
+def _start(env: gym.Env, task: Task, group: int, k: int, name: str, reset_seed: int, vision: VisionTokenizer,
+           env_kwargs: dict[str, Any], max_total_tokens: int, max_prompt_tokens: int | None) -> _Episode:
     """Reset the env and open the episode's token context; a prompt over budget ends it at once."""
     t0 = time.perf_counter()
-    obs, _ = env.reset(seed=reset_seed, options={"task": task} if task is not None else None)
-    raw = env.unwrapped
-    task = getattr(raw, "task", task)
-    trajectory = Trajectory(task_id=task.task_id if task is not None else "", group_id=group, env_id=name,
-                            prompt=tuple(obs["messages"]), episode_index=k, seed=reset_seed,
-                            max_total_tokens=max_total_tokens, task=task,
-                            task_images=list(getattr(raw, "images", [])), env_kwargs=env_kwargs)
-    episode = _Episode(env=env, trajectory=trajectory, own_env=own_env)
+    obs, _ = env.reset(seed=reset_seed, options={"task": task})
+    prompt = tuple(obs["messages"])
+    trajectory = Trajectory(task_id=task.task_id, group_id=group, env_id=name, prompt=prompt, episode_index=k,
+                            seed=reset_seed, max_total_tokens=max_total_tokens, task=task,
+                            task_images=message_images(prompt), env_kwargs=env_kwargs)
+    episode = _Episode(env=env, trajectory=trajectory)
     try:
-        episode.context = EpisodeContext(processor, obs["messages"], max_total_tokens=max_total_tokens,
+        episode.context = EpisodeContext(vision.processor, prompt, max_total_tokens=max_total_tokens,
                                          max_prompt_tokens=max_prompt_tokens, vision=vision)
     except PromptTooLongError as exc:
         trajectory.end_reason, trajectory.truncated, episode.done = "prompt_too_long", True, True
@@ -202,7 +186,8 @@ def _advance(episode: _Episode, generation: Generation, generate_s: float, visio
     action = {"text": text, "finish_reason": generation.finish_reason}
     obs, reward, terminated, truncated, info = episode.env.step(action)
     turn.env_s = time.perf_counter() - t0
-    turn.tool_calls = [{k: v for k, v in call.items() if k != "traceback"} for call in info.get("tool_calls", [])]
+    turn.tool_calls = list(info.get("tool_calls", []))
+    trajectory.zoom_boxes.extend(list(c["bbox_original"]) for c in turn.tool_calls if "bbox_original" in c)
     turn.error = info.get("error")
     turn.observation = tuple(obs["messages"])
     turn.scripted_action = info.get("scripted_action")
@@ -233,13 +218,12 @@ def _finish(episode: _Episode, end_reason: str, terminated: bool, truncated: boo
 
 
 def _sync(episode: _Episode) -> None:
-    """Mirror the context and the env's zoom boxes into the trajectory (the same list objects)."""
+    """Mirror the context into the trajectory (the same list objects)."""
     trajectory, ctx = episode.trajectory, episode.context
     trajectory.context = ctx
     if ctx is not None:
         trajectory.token_ids, trajectory.loss_mask, trajectory.logprobs = ctx.token_ids, ctx.loss_mask, ctx.logprobs
         trajectory.images, trajectory.image_grid_thw = ctx.images, ctx.image_grid_thw
-    trajectory.zoom_boxes = [list(b) for b in getattr(episode.env.unwrapped, "zoom_boxes", [])]
 
 
 def _judge(episodes: Iterable[_Episode], judge: JudgeSpec) -> None:

@@ -11,39 +11,42 @@ benchmark use it; its trajectories are honest about it (``info["scripted_action"
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 
 from deepeyes_envs.images import box_to_seen
 from deepeyes_envs.scripted import answer_turn, zoom_turn
+from deepeyes_envs.tasks import Task
 
 # Zoom boxes as fractions of the original image: three crops of clearly different sizes and shapes.
 DEFAULT_ZOOMS = ((0.0, 0.0, 0.75, 0.75), (0.25, 0.4, 1.0, 0.7), (0.5, 0.1, 0.8, 0.9))
 
-Script = Sequence[str] | Callable[[Any], Sequence[str]]
+# A script: turn texts, or a function of the episode's task and the env's reset info that returns them.
+Script = Sequence[str] | Callable[[Task, Mapping[str, Any]], Sequence[str]]
 
 
-def zoom_script(env: Any, zooms: Sequence[tuple[float, float, float, float]] = DEFAULT_ZOOMS,
+def zoom_script(task: Task, reset_info: Mapping[str, Any],
+                zooms: Sequence[tuple[float, float, float, float]] = DEFAULT_ZOOMS,
                 answer: str | None = None) -> list[str]:
-    """Zoom turns on fractional boxes of the env's first image (in the frame the env reads), then an
-    answer turn (the task's ground truth unless ``answer`` is given)."""
-    raw = env.unwrapped
-    height, width = raw.images[0].shape[:2]
+    """Zoom turns on fractional boxes of the first image (in the frame the env reads, from its reset info),
+    then an answer turn (the task's ground truth unless ``answer`` is given)."""
+    width, height = reset_info["image_size"]
     turns = []
     for fx1, fy1, fx2, fy2 in zooms:
         box = (fx1 * width, fy1 * height, fx2 * width, fy2 * height)
-        if raw.coordinate_frame == "seen":
-            box = box_to_seen(box, raw.seen_sizes[0], (width, height))
+        if reset_info["coordinate_frame"] == "seen":
+            box = box_to_seen(box, reset_info["seen_size"], (width, height))
         turns.append(zoom_turn(box))
-    turns.append(answer_turn(raw.task.answer if answer is None else answer))
+    turns.append(answer_turn(task.answer if answer is None else answer))
     return turns
 
 
 class ScriptedActions(gym.Wrapper):
     """Step the wrapped env with scripted turn texts instead of the agent's; past the script, the agent's
-    own action goes through. ``script`` is a list of turn texts or a function of the (reset) env."""
+    own action goes through. ``script`` is a list of turn texts or a function of (task, reset info); the task
+    is the one ``reset(options={"task": ...})`` was given."""
 
     def __init__(self, env: gym.Env, script: Script = zoom_script) -> None:
         super().__init__(env)
@@ -53,10 +56,15 @@ class ScriptedActions(gym.Wrapper):
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
-        self._turns = list(self.script(self.env) if callable(self.script) else self.script)
+        if callable(self.script):
+            task = (kwargs.get("options") or {}).get("task")
+            if task is None:
+                raise ValueError("a scripted function needs the task: reset(options={'task': ...})")
+            self._turns = list(self.script(task, info))
+        else:
+            self._turns = list(self.script)
         self._turn = 0
         return obs, info
-
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         scripted = self._turns[self._turn] if self._turn < len(self._turns) else None
         self._turn += 1

@@ -21,7 +21,7 @@ How the engine keeps rollout and training consistent (the conventions of ``rollo
   vision tower sees the training pixels (to ~2e-7).
 - logprobs come from ``logprobs_mode="processed_logprobs"``: ``log_softmax`` of the logits after vision
   tokens are banned (``bad_words``) and the temperature applied, which is
-  ``deepeyes_agent.models.sampling_logprobs`` as long as no top-p / top-k cut is asked for (with a cut,
+  ``deepeyes_agent.policy.logprobs.sampling_logprobs`` as long as no top-p / top-k cut is asked for (with a cut,
   vLLM reports the truncated distribution; a warning says so).
 - a turn stops at ``<|im_end|>``, at ``stop_token_ids`` and at stop strings (kept in the output); the
   model's other end-of-sequence ids do not stop it (``ignore_eos``), as in the transformers engine.
@@ -53,7 +53,7 @@ from deepeyes_agent.rollout.engine import Engine, FinishReason, Generation, Samp
 if TYPE_CHECKING:
     import torch
 
-    from deepeyes_agent.chat import EpisodeContext
+    from deepeyes_agent.policy.chat import EpisodeContext
 
 Backend = Literal["auto", "local", "subprocess"]
 
@@ -441,7 +441,7 @@ def _worker_main(read_fd: int, write_fd: int) -> int:
 # The engine
 # ----------------------------------------------------------------------------------------------------
 class VLLMEngine(Engine):
-    """Generates one turn for a batch of :class:`~deepeyes_agent.chat.EpisodeContext` with vLLM.
+    """Generates one turn for a batch of :class:`~deepeyes_agent.policy.chat.EpisodeContext` with vLLM.
 
     ``model`` is a local model directory (the tiny one, or a downloaded Qwen-VL). ``backend``:
     ``"local"`` runs vLLM in this process, ``"subprocess"`` in a worker started with ``python`` (default

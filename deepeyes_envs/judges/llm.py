@@ -1,6 +1,6 @@
 """An LLM judge over any OpenAI-compatible endpoint: concurrent, cached, retried, and counted.
 
-Why it looks like this (REFERENCE.md section 3 lists the flaws it replaces):
+Why it looks like this (docs/deepeyes.md, "The judge", lists the flaws it replaces):
 
 * DeepEyes scores the 4,096 rollouts of a step one request at a time. Here :meth:`LLMJudge.judge_batch`
   sends them concurrently with at most ``concurrency`` requests in flight, from a private event loop on a
@@ -9,8 +9,8 @@ Why it looks like this (REFERENCE.md section 3 lists the flaws it replaces):
 * DeepEyes reads the model name at import time and fails to import when the judge is down; it has no
   timeout and no retry. Here nothing touches the network before the first call; the model name comes from
   ``/models`` then; every request has a timeout and is retried with exponential backoff and jitter on
-  connection errors, timeouts, 429 and 5xx. A server that never answered raises
-  :class:`JudgeUnavailableError` naming the URL. When retries run out later, ``on_failure`` decides:
+  connection errors, timeouts, 429 and 5xx (``deepeyes_envs.http``, as the endpoint player's). A server
+  that never answered raises :class:`JudgeUnavailableError` naming the URL. When retries run out later, ``on_failure`` decides:
   ``"raise"`` a :class:`JudgeError`, or ``"fallback"`` to the rule judge (source "fallback").
 * Certain rule matches (exact text, option letters, same number) skip the LLM; repeated answers hit a cache
   keyed on (question, ground truth, answer, judge model, prompt version), identical requests in flight are
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import contextlib
 import os
-import random
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 from urllib.parse import urlparse
 
+from ..http import LoopThread, RetryPolicy, async_openai_client
 from .base import Judge, JudgeRequest, Verdict
 from .prompt import PROMPT_VERSION, SYSTEM_MESSAGE, build_prompt, parse_judgement
 from .rules import RuleJudge, rule_verdict
@@ -118,32 +116,19 @@ class _Runtime:
     the concurrency semaphore and the table of requests in flight. Rebuilt after a fork."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="deepeyes-judge-loop", daemon=True)
+        self.loop_thread = LoopThread("deepeyes-judge-loop")
+        self.pid = self.loop_thread.pid
         self.client: Any = None
         self.semaphore: Optional[asyncio.Semaphore] = None
         self.model_lock: Optional[asyncio.Lock] = None
         self.in_flight: dict[_CacheKey, asyncio.Future] = {}
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Any) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
-        async def _close() -> None:
+        async def close_client() -> None:
             if self.client is not None:
                 await self.client.close()
 
-        if self.loop.is_running():
-            with contextlib.suppress(Exception):  # best effort: the process may be shutting down
-                self.submit(_close()).result(timeout=5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
+        self.loop_thread.stop(close_client)
 
 
 class LLMJudge(Judge):
@@ -196,9 +181,7 @@ class LLMJudge(Judge):
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.retry = RetryPolicy(max_retries, backoff_base, backoff_max)
         self.concurrency = concurrency
         self.on_failure = on_failure
         self.use_rules = use_rules
@@ -235,14 +218,7 @@ class LLMJudge(Judge):
         if not requests:
             return []
         rt = self._runtime()
-        if threading.current_thread() is rt.thread:
-            raise RuntimeError("judge_batch called from the judge's own event loop; use ajudge_batch")
-        future = rt.submit(self._abatch(rt, requests))
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
+        return rt.loop_thread.run(self._abatch(rt, requests))
 
     async def ajudge_batch(self, requests: Sequence[JudgeRequest]) -> list[Verdict]:
         """The same as :meth:`judge_batch`, awaitable from any event loop."""
@@ -250,7 +226,7 @@ class LLMJudge(Judge):
         if not requests:
             return []
         rt = self._runtime()
-        return await asyncio.wrap_future(rt.submit(self._abatch(rt, requests)))
+        return await asyncio.wrap_future(rt.loop_thread.submit(self._abatch(rt, requests)))
 
     def stats(self) -> dict[str, float]:
         """Counters since creation (or :meth:`reset_stats`), for logging. See docs/judge.md."""
@@ -311,12 +287,8 @@ class LLMJudge(Judge):
             raise JudgeUnavailableError(
                 f"no judge URL: pass base_url=... or set {ENV_BASE_URL} (e.g. http://127.0.0.1:8000/v1)"
             )
-        import openai  # imported here so that importing deepeyes_envs stays light
-
         api_key = self.api_key or os.environ.get(ENV_API_KEY) or "EMPTY"
-        rt.client = openai.AsyncOpenAI(
-            base_url=url, api_key=api_key, timeout=self.timeout, max_retries=0, http_client=_http_client()
-        )
+        rt.client = async_openai_client(url, api_key, self.timeout)
         rt.semaphore = asyncio.Semaphore(self.concurrency)
         rt.model_lock = asyncio.Lock()
 
@@ -341,7 +313,7 @@ class LLMJudge(Judge):
                 return Verdict(verdict.correct, "cache", raw=verdict.raw)
             self._counters.add("fallbacks")
             return verdict
-        future: asyncio.Future = rt.loop.create_future()
+        future: asyncio.Future = rt.loop_thread.loop.create_future()
         rt.in_flight[key] = future
         try:
             verdict = await self._ask(rt, model, question, request, key)
@@ -385,7 +357,8 @@ class LLMJudge(Judge):
         self._counters.add("errors")
         if self._never_reached(err):
             raise JudgeUnavailableError(self._unavailable_message(err)) from err
-        message = f"judge request to {self.base_url} failed after {self.max_retries + 1} attempts: {_describe(err)}"
+        attempts = self.retry.max_retries + 1
+        message = f"judge request to {self.base_url} failed after {attempts} attempts: {_describe(err)}"
         if self.on_failure == "raise":
             raise JudgeError(message) from err
         self._counters.add("fallbacks")
@@ -414,44 +387,31 @@ class LLMJudge(Judge):
             return self.model
 
     async def _with_retries(self, call: Any, timed: bool = False) -> Any:
-        """Run one API call, retrying transient failures with exponential backoff and jitter."""
+        """Run one API call under the retry policy, counting attempts, timeouts and (``timed``) latency."""
         import openai
 
-        attempt = 0
-        while True:
+        async def attempt() -> Any:
             self._counters.add("requests")
             if timed:
                 self._counters.flight(+1)
             start = time.perf_counter()
             try:
                 result = await call()
-            except (openai.APIStatusError, openai.APIConnectionError) as err:
-                if isinstance(err, openai.APIStatusError):
-                    self._reached = True  # the server answered, even if with an error
-                if isinstance(err, openai.APITimeoutError):
-                    self._counters.add("timeouts")
-                if attempt >= self.max_retries or not _is_retryable(err):
-                    raise
-                failure: BaseException = err
-            else:
-                self._reached = True
-                if timed:
-                    self._counters.latency(time.perf_counter() - start)
-                return result
+            except openai.APIStatusError:
+                self._reached = True  # the server answered, even if with an error
+                raise
+            except openai.APITimeoutError:
+                self._counters.add("timeouts")
+                raise
             finally:
                 if timed:
                     self._counters.flight(-1)
-            self._counters.add("retries")
-            await asyncio.sleep(self._backoff_delay(attempt, failure))
-            attempt += 1
+            self._reached = True
+            if timed:
+                self._counters.latency(time.perf_counter() - start)
+            return result
 
-    def _backoff_delay(self, attempt: int, err: Optional[BaseException]) -> float:
-        cap = min(self.backoff_max, self.backoff_base * (2**attempt))
-        delay = cap * (0.5 + 0.5 * random.random())
-        retry_after = _retry_after_seconds(err)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max))
-        return delay
+        return await self.retry.call(attempt, on_retry=lambda err: self._counters.add("retries"))
 
     def _never_reached(self, err: BaseException) -> bool:
         import openai
@@ -462,7 +422,7 @@ class LLMJudge(Judge):
 
     def _unavailable_message(self, err: BaseException) -> str:
         return (
-            f"no judge server answered at {self.base_url} ({_describe(err)}) after {self.max_retries + 1} "
+            f"no judge server answered at {self.base_url} ({_describe(err)}) after {self.retry.max_retries + 1} "
             f"attempts. Start one (see docs/judge.md), or point base_url / {ENV_BASE_URL} at a running "
             "OpenAI-compatible server, or use the rule judge."
         )
@@ -486,19 +446,6 @@ class LLMJudge(Judge):
                 self._cache.popitem(last=False)
 
 
-def _http_client() -> Any:
-    """aiohttp as the transport when it is installed (about half the CPU per request of httpx's pool at 64
-    connections), else the openai client's default httpx transport."""
-    import openai
-
-    try:
-        import aiohttp  # noqa: F401
-
-        return openai.DefaultAioHttpClient()
-    except (ImportError, RuntimeError):
-        return None
-
-
 def _reply_text(response: Any) -> str:
     """The assistant text of a chat-completion body; "" for anything malformed (then counted unparseable)."""
     try:
@@ -508,27 +455,12 @@ def _reply_text(response: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _is_retryable(err: BaseException) -> bool:
-    """Connection errors and timeouts (no status), 408, 429 and 5xx are worth another try; other 4xx are not."""
-    status = getattr(err, "status_code", None)
-    return status is None or status in (408, 429) or status >= 500
-
-
 def _describe(err: BaseException) -> str:
     cause = err.__cause__ or err.__context__
     text = f"{type(err).__name__}: {err}"
     if cause is not None and str(cause) and str(cause) not in text:
         text += f" ({type(cause).__name__}: {cause})"
     return text
-
-
-def _retry_after_seconds(err: Optional[BaseException]) -> Optional[float]:
-    response = getattr(err, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _question_text(request: JudgeRequest) -> str:

@@ -2,9 +2,8 @@
 
 Data selection and evaluation both need "play these tasks k times in this env and judge them"; a
 :class:`Runner` hides whether the turns come from :func:`deepeyes_agent.rollout.loop.run_episodes` over a
-local engine or from :func:`deepeyes_agent.endpoint.run_endpoint_episodes`. ``describe()`` names the
+local engine or from :func:`deepeyes_agent.rollout.endpoint.run_endpoint_episodes`. ``describe()`` names the
 policy for the resume check (a run continued with another policy would mix results).
-:func:`trajectory_stats` reduces a trajectory to the numbers both reports use.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Protocol
 
-from deepeyes_agent.rollout.engine import SamplingParams
-from deepeyes_agent.trajectory import Trajectory, TrajectoryBatch
+from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_processor
+from deepeyes_agent.rollout.engine import Engine, SamplingParams
+from deepeyes_agent.rollout.factory import EngineKind, make_engine
+from deepeyes_agent.rollout.trajectory import TrajectoryBatch
 from deepeyes_envs.judges import JudgeSpec
 from deepeyes_envs.tasks import Task
 
@@ -34,7 +35,7 @@ class Runner(Protocol):
 class LocalRunner:
     """A local engine and its processor, played through the rollout loop."""
 
-    def __init__(self, engine: Any, processor: Any, *, description: Optional[dict[str, Any]] = None,
+    def __init__(self, engine: Engine, processor: QwenVLImageProcessor, *, description: Optional[dict[str, Any]] = None,
                  max_total_tokens: Optional[int] = None, max_prompt_tokens: Optional[int] = None):
         self.engine, self.processor = engine, processor
         self.description = dict(description or {"kind": type(engine).__name__})
@@ -60,18 +61,18 @@ class LocalRunner:
 
 
 class EndpointRunner:
-    """An OpenAI-compatible endpoint (see :mod:`deepeyes_agent.endpoint`)."""
+    """An OpenAI-compatible endpoint (see :mod:`deepeyes_agent.rollout.endpoint`)."""
 
     def __init__(self, base_url: str, model: Optional[str] = None, *, api_key: Optional[str] = None,
                  concurrency: int = 8, timeout: float = 300.0):
-        from deepeyes_agent.endpoint import EndpointPolicy
+        from deepeyes_agent.rollout.endpoint import EndpointPolicy
 
         self.policy = EndpointPolicy(base_url, model, api_key=api_key, concurrency=concurrency, timeout=timeout)
 
     def play(self, tasks: Sequence[Task], *, n_per_task: int, sampling: SamplingParams,
              env_id: Optional[str] = None, env_kwargs: Optional[Mapping[str, Any]] = None,
              judge: JudgeSpec = "rule", seed: int = 0) -> TrajectoryBatch:
-        from deepeyes_agent.endpoint import run_endpoint_episodes
+        from deepeyes_agent.rollout.endpoint import run_endpoint_episodes
 
         return run_endpoint_episodes(tasks, self.policy, n_per_task=n_per_task, sampling=sampling, env_id=env_id,
                                      env_kwargs=env_kwargs, judge=judge, seed=seed)
@@ -80,57 +81,21 @@ class EndpointRunner:
         return self.policy.describe()
 
     def close(self) -> None:
-        self.policy.client.close()
+        self.policy.close()
 
 
-def local_runner(path: str | os.PathLike, *, engine: str = "hf", device: str = "cpu", dtype: str = "float32",
+def local_runner(path: str | os.PathLike, *, engine: EngineKind = "hf", device: str = "cpu", dtype: str = "float32",
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  max_total_tokens: Optional[int] = None, engine_kwargs: Optional[Mapping[str, Any]] = None
                  ) -> LocalRunner:
     """A runner for the policy in the local directory ``path`` with the transformers (``"hf"``) or vLLM
-    (``"vllm"``) engine. The processor is always ours (it builds the token contexts); vLLM gets the model
-    directory and generates from those token ids."""
-    from deepeyes_agent.models import load_policy, load_processor
-
+    (``"vllm"``) engine (``rollout.factory.make_engine``). The processor is always ours (it builds the token
+    contexts); vLLM gets the model directory and generates from those token ids."""
     description = {"kind": "local", "path": os.path.abspath(os.fspath(path)), "engine": engine, "dtype": dtype,
                    "min_pixels": min_pixels, "max_pixels": max_pixels}
-    if engine == "hf":
-        from deepeyes_agent.rollout.hf_engine import HFEngine
-
-        model, processor = load_policy(path, dtype=dtype, device=device, min_pixels=min_pixels,
-                                       max_pixels=max_pixels)
-        generator: Any = HFEngine(model, processor)
-    elif engine == "vllm":
-        from deepeyes_agent.rollout.vllm_engine import VLLMEngine
-
-        processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
-        generator = VLLMEngine(path, **dict(engine_kwargs or {}))
-    else:
-        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    generator = make_engine(engine, path, processor, dtype=dtype, device=device, vllm_kwargs=engine_kwargs)
     return LocalRunner(generator, processor, description=description, max_total_tokens=max_total_tokens)
-
-
-def trajectory_stats(traj: Trajectory) -> dict[str, Any]:
-    """What reports count per episode: answer, accuracy, reward, tool calls (run, invalid), zoom IoUs.
-
-    An invalid call is a tool call the env rejected (bad box, unknown tool) or a turn whose tool-call
-    text could not be parsed (bad JSON); the ``ZOOM IN ARGUMENTS ARE INVALID`` family of DeepEyes.
-    """
-    calls = [c for turn in traj.turns for c in turn.tool_calls]
-    unparsed = sum(1 for turn in traj.turns if turn.error and not turn.tool_calls)
-    ious = [float(c["iou"]) for c in calls if isinstance(c.get("iou"), (int, float))]
-    return {
-        "answer": str(traj.reward_parts.get("answer", "")),
-        "acc": float(traj.reward_parts.get("acc", 0.0)),
-        "reward": float(traj.reward),
-        "judge_source": traj.reward_parts.get("judge_source"),
-        "tool_calls": len(calls),
-        "invalid_calls": sum(1 for c in calls if not c.get("ok")) + unparsed,
-        "image_observations": sum(1 for c in calls if c.get("ok")),
-        "ious": ious,
-        "turns": traj.n_turns,
-        "end_reason": traj.end_reason,
-    }
 
 
 # ---------------------------------------------------------------------------------------------- command line

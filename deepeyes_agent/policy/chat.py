@@ -26,7 +26,18 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from deepeyes_envs.messages import Message, message_images, render_qwen, render_qwen_observation
+from deepeyes_envs.messages import (
+    END_OF_TEXT,
+    IM_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    Message,
+    message_images,
+    render_qwen,
+    render_qwen_observation,
+)
 
 # DeepEyes budget: 8192 prompt tokens + 20480 response tokens (REFERENCE.md section 2).
 DEFAULT_MAX_PROMPT_TOKENS = 8192
@@ -82,13 +93,13 @@ class VisionTokenizer:
         self.min_pixels = int(size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge)
         self.max_pixels = int(size["longest_edge"] if isinstance(size, dict) else size.longest_edge)
         convert = self.tokenizer.convert_tokens_to_ids
-        self.image_token_id = int(convert("<|image_pad|>"))
-        self.video_token_id = int(convert("<|video_pad|>"))
-        self.vision_start_id = int(convert("<|vision_start|>"))
-        self.vision_end_id = int(convert("<|vision_end|>"))
-        self.im_end_id = int(convert("<|im_end|>"))
+        self.image_token_id = int(convert(IMAGE_PAD))
+        self.video_token_id = int(convert(VIDEO_PAD))
+        self.vision_start_id = int(convert(VISION_START))
+        self.vision_end_id = int(convert(VISION_END))
+        self.im_end_id = int(convert(IM_END))
         pad = self.tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else convert("<|endoftext|>"))
+        self.pad_token_id = int(pad if pad is not None else convert(END_OF_TEXT))
 
     @property
     def vision_token_ids(self) -> tuple[int, ...]:
@@ -225,6 +236,13 @@ class EpisodeContext:
                              "them (see VisionTokenizer.vision_token_ids)")
         encoded = EncodedTurn(token_ids, None, [], [])
         self._append(encoded, "generated", logprobs=[float(x) for x in logprobs])
+
+    def append_written(self, text: str, *, ends_turn: bool) -> None:
+        """Append a turn that was written, not sampled (an SFT demonstration), as an engine would have produced
+        it: a turn that ends the episode closes with ``<|im_end|>``; one that calls a tool stops at
+        ``</tool_call>``, where generation stops. Its logprobs are 0 (there was no sampling distribution)."""
+        ids = self.vision.text_ids(text) + ([self.vision.im_end_id] if ends_turn else [])
+        self.append_generated(ids, [0.0] * len(ids))
 
     def append_observation(self, messages: Sequence[Message]) -> bool:
         """Append the env's observation (loss mask 0) if it fits the budget; False means dropped, truncate.

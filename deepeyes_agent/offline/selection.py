@@ -6,7 +6,7 @@ offline and without a record. Here each sample is played ``k`` times with tools 
 ``k`` times without (the plain one-turn env), its two pass rates are logged, and rules applied to those
 rates decide what is kept::
 
-    python -m deepeyes_agent.selection --policy /models/Qwen2.5-VL-7B --data train.parquet \
+    python -m deepeyes_agent.offline.selection --policy /models/Qwen2.5-VL-7B --data train.parquet \
         --out train.selected.parquet --k 8 --band 0 0.5 --plain-max 0
 
 Measuring and filtering are separate on purpose: pass rates go to ``<work dir>/progress.jsonl``, keyed by
@@ -27,15 +27,17 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ConfigDict, field_validator
 
-from deepeyes_agent.reporting import ResultsLog, histogram_png, md_table
+from deepeyes_agent.offline.reporting import ResultsLog, histogram_png, md_table
 from deepeyes_agent.rollout.engine import SamplingParams
-from deepeyes_agent.runners import Runner, add_policy_arguments, runner_from_arguments
+from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
+from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.datasets import load_deepeyes_parquet
 from deepeyes_envs.images import ImageError, LazyImage, to_rgb_array
 from deepeyes_envs.judges import JudgeSpec
@@ -45,8 +47,7 @@ MIN_IMAGE_SIDE = 28  # Qwen-VL's patch merge factor: a smaller side cannot even 
 
 
 # ---------------------------------------------------------------------------------------------- rules
-@dataclass(frozen=True)
-class SelectionRules:
+class SelectionRules(Section):
     """Which measured samples to keep. A disabled rule is ``None`` (or ``False``).
 
     * ``band = (low, high)``: useful difficulty, ``low < pass_tools < high`` (DeepEyes: neither never
@@ -58,17 +59,20 @@ class SelectionRules:
     Images with a side under ``min_image_side`` px are skipped before any rollout, whatever the rules.
     """
 
-    band: Optional[tuple[float, float]] = (0.0, 0.5)
-    plain_max: Optional[float] = 0.0
-    tools_help: bool = False
-    combine: str = "all"
-    min_image_side: int = MIN_IMAGE_SIDE
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.combine not in ("all", "any"):
-            raise ValueError(f"combine must be 'all' or 'any', got {self.combine!r}")
-        if self.band is not None and not self.band[0] < self.band[1]:
-            raise ValueError(f"band must be (low, high) with low < high, got {self.band}")
+    band: Optional[tuple[float, float]] = setting((0.0, 0.5), "Keep low < pass rate with tools < high.")
+    plain_max: Optional[float] = setting(0.0, "Keep pass rate without tools <= this.")
+    tools_help: bool = setting(False, "Also require pass rate with tools > without.")
+    combine: Literal["all", "any"] = setting("all", "Keep rows passing every enabled rule, or any one.")
+    min_image_side: int = setting(MIN_IMAGE_SIDE, "Skip rows with an image side below this (px).", ge=1)
+
+    @field_validator("band")
+    @classmethod
+    def _ordered(cls, band: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if band is not None and not band[0] < band[1]:
+            raise ValueError(f"band must be (low, high) with low < high, got {band}")
+        return band
 
     def names(self) -> dict[str, str]:
         """Enabled rules: name -> human description (report rows)."""
@@ -103,25 +107,26 @@ class SelectionRules:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-@dataclass(frozen=True)
-class SelectionConfig:
+class SelectionConfig(Section):
     """How samples are measured. Every field goes into the resume check (rules do not)."""
 
-    k: int = 4
-    seed: int = 0
-    batch_size: int = 8
-    temperature: float = 1.0
-    max_tokens: int = 1024
-    max_turns: Optional[int] = None
-    tool_env: str = "visual_toolbox_v2"
-    judge: JudgeSpec = "rule"
-    min_image_side: int = MIN_IMAGE_SIDE
+    model_config = ConfigDict(frozen=True)
+
+    k: int = setting(4, "Rollouts per sample, with tools and without each.", ge=1)
+    seed: int = setting(0, "Sampling seed.")
+    batch_size: int = setting(8, "Rows per chunk (the unit of resuming).", ge=1)
+    temperature: float = setting(1.0, "Sampling temperature.", ge=0.0)
+    max_tokens: int = setting(1024, "Tokens per generated turn.", ge=1)
+    max_turns: Optional[int] = setting(None, "Override of the env's max_turns for rollouts with tools.", ge=1)
+    tool_env: str = setting("visual_toolbox_v2", "Env for rows whose env_name is empty.")
+    judge: Any = setting("rule", "Judge spec: 'rule' or {type: llm, base_url: ..., model: ...}.")
+    min_image_side: int = setting(MIN_IMAGE_SIDE, "Rows with a smaller image side are skipped (px).", ge=1)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
 
     def settings(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = self.model_dump(exclude={"judge"})
         d["judge"] = self.judge if isinstance(self.judge, (str, dict, type(None))) else repr(self.judge)
         return d
 
@@ -348,17 +353,18 @@ class SelectionResult:
 
 
 def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runner, *,
-                  config: SelectionConfig = SelectionConfig(), rules: SelectionRules = SelectionRules(),
+                  config: SelectionConfig | None = None, rules: SelectionRules | None = None,
                   work_dir: Optional[str | os.PathLike] = None, image_root: Optional[str | os.PathLike] = None,
                   limit: Optional[int] = None, overwrite: bool = False, progress: bool = True) -> SelectionResult:
     """Measure (resuming), filter, write the selected parquet file and the report; see the module docstring."""
+    rules = rules or SelectionRules()
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.stem + "_selection")
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "progress.jsonl"
     if overwrite and log_path.exists():
         log_path.unlink()
-    config = dataclasses.replace(config, min_image_side=rules.min_image_side)
+    config = (config or SelectionConfig()).model_copy(update={"min_image_side": rules.min_image_side})
     source = load_deepeyes_parquet(data, image_root=image_root)
     settings = {"data": os.path.abspath(os.fspath(data)), "rows": len(source), "policy": runner.describe(),
                 **config.settings()}
@@ -396,7 +402,7 @@ def judge_spec(name: str, url: Optional[str], model: Optional[str]) -> JudgeSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.selection",
+    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.offline.selection",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_policy_arguments(parser)

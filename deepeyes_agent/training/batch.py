@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from deepeyes_agent.algorithms import compute_advantages, masked_whiten
-from deepeyes_agent.chat import collate
+from deepeyes_agent.policy.chat import collate
+from deepeyes_agent.training.advantages import compute_advantages
+from deepeyes_agent.training.masked import masked_whiten
 
 
 @dataclass

@@ -1,16 +1,9 @@
-"""Qwen-VL policies and processors from local directories, and a tiny offline test model.
+"""The tiny Qwen2.5-VL: a randomly initialised model built offline in about a second, for tests and CPU runs.
 
-Two problems shape this module. First, nothing may reach a model hub: every loader takes a local
-directory and passes ``local_files_only=True``, so a missing file is an error, never a download.
-Second, the stock Qwen-VL processors of transformers 5.x insist on a video processor that imports
-torchvision, which is broken beside a CPU torch; :class:`QwenVLImageProcessor` is the image-only
-processor used everywhere instead (PIL backend, the same ``smart_resize`` geometry).
+It is a real ``Qwen2_5_VLForConditionalGeneration`` with a byte-level BPE tokenizer trained in-process on
+generated text, saved in the standard Hugging Face layout so that transformers and vLLM both load it::
 
-The tiny model (:func:`build_tiny_qwen2_5_vl`) is a randomly initialised Qwen2.5-VL with a byte-level
-BPE tokenizer trained in-process, saved in the standard Hugging Face layout so that transformers and
-vLLM both load it. Tests, the CPU config and the docs use it::
-
-    python -m deepeyes_agent.models build-tiny /tmp/tiny-qwen
+    python -m deepeyes_agent.policy.tiny build /tmp/tiny-qwen
 """
 
 from __future__ import annotations
@@ -21,25 +14,23 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.processing_utils import ProcessorMixin
 
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-END_OF_TEXT = "<|endoftext|>"
+from deepeyes_envs.messages import (
+    END_OF_TEXT,
+    IM_END,
+    IMAGE_PAD,
+    QWEN_SPECIAL_TOKENS,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+)
 
-# Control tokens of the Qwen chat format (special: hidden by skip_special_tokens).
-QWEN_SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 # Tool and reasoning tags: single tokens that decode as plain text (as in the released Qwen tokenizers,
 # where ``<tool_call>`` is an added, non-special token), so a tiny model can emit each in one step.
 TAG_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
@@ -63,156 +54,6 @@ QWEN_VL_CHAT_TEMPLATE = (
 # Small pixel budget of the tiny model: 4..64 merged tokens per image keeps CPU tests fast.
 TINY_MIN_PIXELS = 4 * 28 * 28
 TINY_MAX_PIXELS = 64 * 28 * 28
-
-_MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
-
-
-class QwenVLImageProcessor(ProcessorMixin):
-    """Image-only processor for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (no video slot, no torchvision).
-
-    Calling it with ``text`` (containing one ``<|image_pad|>`` per image) and ``images`` returns
-    ``input_ids`` with each pad expanded to the image's token count, ``pixel_values``,
-    ``image_grid_thw`` and ``mm_token_type_ids``, like the stock processors do for images.
-    """
-
-    return_mm_token_type_ids = True
-
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
-                 **kwargs: Any) -> None:
-        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        if chat_template is None:
-            chat_template = getattr(tokenizer, "chat_template", None)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    @property
-    def merge_size(self) -> int:
-        return int(self.image_processor.merge_size)
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        """Expand one image placeholder to ``t*h*w / merge^2`` pad tokens (used by ``__call__``)."""
-        grid = image_inputs["image_grid_thw"][image_idx]
-        return self.image_token * int(grid.prod() // self.merge_size**2)
-
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"]
-
-
-class Policy(NamedTuple):
-    """A loaded policy: the model and its image-only processor (unpack as ``model, processor``)."""
-
-    model: PreTrainedModel
-    processor: QwenVLImageProcessor
-
-
-def _local_dir(path: str | os.PathLike) -> Path:
-    """Resolve a model directory, refusing anything that would need a hub download."""
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{p} is not a local model directory (no config.json); deepeyes never downloads from a hub, "
-            "download the model first (e.g. `huggingface-cli download ... --local-dir DIR`)"
-        )
-    return p
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
-
-
-def load_processor(path: str | os.PathLike, *, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> QwenVLImageProcessor:
-    """Load the tokenizer and the PIL image processor of a local Qwen-VL directory.
-
-    ``min_pixels`` / ``max_pixels`` override the saved pixel budget (e.g. a small budget for CPU runs).
-    """
-    p = _local_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    overrides: dict[str, int] = {}
-    if min_pixels is not None:
-        overrides["min_pixels"] = min_pixels
-    if max_pixels is not None:
-        overrides["max_pixels"] = max_pixels
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(p, local_files_only=True, **overrides)
-    return QwenVLImageProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
-
-
-def model_class(model_type: str) -> type[PreTrainedModel]:
-    """The transformers class for a Qwen-VL ``model_type`` (qwen2_vl, qwen2_5_vl, qwen3_vl)."""
-    import transformers
-
-    if model_type not in _MODEL_CLASSES:
-        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {sorted(_MODEL_CLASSES)}")
-    return getattr(transformers, _MODEL_CLASSES[model_type])
-
-
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """Load a Qwen-VL model from a local directory, in eval mode, on ``device``."""
-    p = _local_dir(path)
-    model_type = json.loads((p / "config.json").read_text())["model_type"]
-    model = model_class(model_type).from_pretrained(
-        p, local_files_only=True, dtype=_resolve_dtype(dtype), attn_implementation=attn_implementation
-    )
-    return model.to(device).eval()
-
-
-def load_policy(path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
-                device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
-                min_pixels: int | None = None, max_pixels: int | None = None) -> Policy:
-    """Load a policy model and its processor from one local directory (never from a hub)."""
-    model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
-    return Policy(model, processor)
-
-
-def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0,
-                      suppress_token_ids: Sequence[int] = ()) -> torch.Tensor:
-    """Log-probabilities of the distribution a policy samples from: ``logits / temperature`` with the
-    suppressed tokens (vision pads, which must never be generated) removed.
-
-    Engines record logprobs with this and training recomputes them with it, so both sides agree exactly.
-    A temperature of 0 (greedy) scores with temperature 1.
-    """
-    logits = logits.float() / (temperature if temperature > 0 else 1.0)
-    if suppress_token_ids:
-        logits = logits.clone()
-        logits[..., list(suppress_token_ids)] = float("-inf")
-    return torch.log_softmax(logits, dim=-1)
-
-
-def token_logprobs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], temperature: float = 1.0,
-                   suppress_token_ids: Sequence[int] = ()) -> torch.Tensor:
-    """Per-token log-probabilities of ``inputs["input_ids"]`` under ``model`` (the training forward).
-
-    Entry ``[b, i]`` is ``log p(token_i | tokens_<i)`` under :func:`sampling_logprobs` (the quantity the
-    engines record at sampling time); entry ``[b, 0]`` is 0. ``inputs`` is what
-    ``EpisodeContext.to_model_inputs`` or ``collate`` returns (extra keys are ignored); pass
-    ``suppress_token_ids=VisionTokenizer.vision_token_ids`` to match the engines.
-    """
-    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-    logits = model(**{k: inputs[k] for k in keys if inputs.get(k) is not None}, use_cache=False).logits
-    logp = sampling_logprobs(logits[:, :-1], temperature, suppress_token_ids)
-    ids = inputs["input_ids"]
-    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
-
-
-# --------------------------------------------------------------------------------------------------
-# The tiny test model
-# --------------------------------------------------------------------------------------------------
 
 _WORDS_TEXT = (
     "the a an of to in on at for with by from and or not is are was be this that these those it its what "
@@ -368,10 +209,10 @@ def build_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0, *, min_pixels:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m deepeyes_agent.models build-tiny OUT_DIR [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.models", description=__doc__.split("\n")[0])
+    """Command line: ``python -m deepeyes_agent.policy.tiny build OUT_DIR [--seed N]``."""
+    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.policy.tiny", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build-tiny", help="build the tiny random Qwen2.5-VL used by tests and the CPU config")
+    build = sub.add_parser("build", help="build the tiny random Qwen2.5-VL used by tests and the CPU config")
     build.add_argument("out_dir")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--min-pixels", type=int, default=TINY_MIN_PIXELS)

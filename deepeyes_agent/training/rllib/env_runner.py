@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -23,49 +24,28 @@ from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from deepeyes_agent.data import make_task_source
-from deepeyes_agent.models import load_model, load_processor
-from deepeyes_agent.rllib.batch import PackedEpisode
-from deepeyes_agent.rollout.engine import Engine, SamplingParams
+from deepeyes_agent.policy.loading import load_processor
+from deepeyes_agent.rollout.engine import SamplingParams
+from deepeyes_agent.rollout.factory import make_engine
 from deepeyes_agent.rollout.loop import run_episodes
-from deepeyes_agent.trajectory import Trajectory
+from deepeyes_agent.rollout.metrics import episode_metrics
+from deepeyes_agent.rollout.trajectory import Trajectory
+from deepeyes_agent.training.batch import PackedEpisode
+from deepeyes_agent.training.tasks import make_task_source
 from deepeyes_envs.judges import make_judge
 
 
-def make_engine(run: Any, processor: Any) -> Engine:
-    """The generation engine the config names: ``hf`` (transformers, here) or ``vllm`` (its own venv/GPU)."""
-    if run.rollout.engine == "hf":
-        from deepeyes_agent.rollout.hf_engine import HFEngine
+@dataclass
+class RunnerBatch:
+    """What one env runner's :meth:`LLMEnvRunner.sample` hands the driver."""
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(run.model.path, dtype=run.model.dtype, device=device,
-                           attn_implementation=run.model.attn_implementation)
-        return HFEngine(model, processor)
-    if run.rollout.engine == "vllm":
-        from deepeyes_agent.rollout.vllm_engine import VLLMEngine  # needs the vllm venv (scripts/vllm_venv.sh)
-
-        kwargs = dict(run.rollout.vllm)
-        budget = {k: v for k, v in (("min_pixels", run.model.min_pixels), ("max_pixels", run.model.max_pixels))
-                  if v is not None}
-        if budget and "mm_processor_kwargs" not in kwargs:  # vLLM must expand images to the same token counts
-            kwargs["mm_processor_kwargs"] = budget
-        return VLLMEngine(run.model.path, **kwargs)
-    raise ValueError(f"unknown rollout.engine {run.rollout.engine!r}")
-
-
-def trajectory_metrics(traj: Trajectory) -> dict[str, float]:
-    """The per-episode numbers the trainer logs (means over a batch go to TensorBoard)."""
-    parts = traj.reward_parts
-    calls = [c for t in traj.turns for c in t.tool_calls]
-    ious = [float(c["iou"]) for c in calls if c.get("iou") is not None]
-    return {
-        "reward": float(traj.reward), "acc": float(parts.get("acc", 0.0)),
-        "format_error": float(bool(parts.get("format_error", False))), "tool_bonus": float(parts.get("tool", 0.0)),
-        "tool_calls": float(len(calls)), "invalid_calls": float(sum(1 for c in calls if not c.get("ok", False))),
-        "image_observations": float(traj.n_image_observations), "iou": float(np.mean(ious)) if ious else float("nan"),
-        "response_length": float(traj.n_generated_tokens), "turns": float(traj.n_turns),
-        "truncated": float(traj.truncated), "tokens": float(len(traj.token_ids)),
-    }
+    episodes: list[PackedEpisode]  # finished episodes, packed for the learners (skipped tasks left out)
+    samples: list[Trajectory]  # the first ``keep`` trajectories, to save (without their token contexts)
+    timings: dict[str, float]  # the rollout loop's timings plus ``runner_total_s``
+    judge_stats: dict[str, float]  # the judge's counters (requests, retries, fallbacks, ...)
+    node_id: str
+    pid: int
+    worker_index: int
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -77,7 +57,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         torch.set_num_threads(self.run.resources.torch_threads)
         self.processor = load_processor(self.run.model.path, min_pixels=self.run.model.min_pixels,
                                         max_pixels=self.run.model.max_pixels)
-        self.engine = make_engine(self.run, self.processor)
+        model = self.run.model
+        self.engine = make_engine(self.run.rollout.engine, model.path, self.processor, dtype=model.dtype,
+                                  attn_implementation=model.attn_implementation, vllm_kwargs=self.run.rollout.vllm)
         self.judge = make_judge(self.run.rollout.judge)
         self.sources = {"train": make_task_source(self.run.data, "train"),
                         "eval": make_task_source(self.run.data, "eval")}
@@ -120,7 +102,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     # ------------------------------------------------------------------ sampling
     def sample(self, *, task_indices: list[int] = (), split: str = "train", n_per_task: int = 1,
                seed: int = 0, temperature: float | None = None, group_offset: int = 0, keep: int = 0,
-               **kwargs: Any) -> dict[str, Any]:
+               **kwargs: Any) -> RunnerBatch:
         """Play ``n_per_task`` episodes of each task; returns packed episodes, metrics and ``keep`` samples."""
         start = time.perf_counter()
         rollout = self.run.rollout
@@ -139,7 +121,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 continue
             episodes.append(PackedEpisode.from_context(
                 traj.context, reward=traj.reward, group_id=group_offset + traj.group_id, task_id=traj.task_id,
-                metrics=trajectory_metrics(traj)))
+                metrics=episode_metrics(traj)))
         samples = []
         for traj in list(trajectories)[:keep]:
             traj.context = None  # holds the processor; the saved format does not need it
@@ -147,6 +129,6 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.num_env_steps_sampled_lifetime += sum(t.n_turns for t in trajectories)
         timings = dict(getattr(trajectories, "timings", {}))
         timings["runner_total_s"] = time.perf_counter() - start
-        return {"episodes": episodes, "samples": samples, "timings": timings, "node_id": self.node_id,
-                "worker_index": self.worker_index or 0, "pid": os.getpid(),
-                "judge_stats": self.judge.stats() if hasattr(self.judge, "stats") else {}}
+        judge_stats = self.judge.stats() if hasattr(self.judge, "stats") else {}
+        return RunnerBatch(episodes=episodes, samples=samples, timings=timings, judge_stats=judge_stats,
+                           node_id=self.node_id, pid=os.getpid(), worker_index=self.worker_index or 0)

@@ -9,6 +9,9 @@
     learners: one optimizer step per minibatch, gradients all-reduced across learners
     weights -> env runners (RLlib's sync_weights)
 
+``DeepEyesConfig`` (RLlib's ``AlgorithmConfig``, in this module as RLlib keeps a config beside its algorithm)
+carries the typed run config; ``DeepEyesConfig.from_run_config(cfg).build_algo()`` is what ``train.py`` runs.
+
 Checkpoints are RLlib's (``save_to_path`` / ``restore_from_path``): the learners' module and optimizer,
 plus this class's own state (data position, SFT status, RNG states). Env runners that die are restarted by
 RLlib (``restart_failed_env_runners``); an iteration carries on with the batches that came back.
@@ -25,32 +28,70 @@ import numpy as np
 import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-from deepeyes_agent.algorithms import masked_var
-from deepeyes_agent.data import TaskSchedule, demonstrations, make_task_source
-from deepeyes_agent.rllib.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
-from deepeyes_agent.rllib.config import DeepEyesConfig
-from deepeyes_agent.rllib.losses import token_count
+from deepeyes_agent.rollout.metrics import batch_metrics
+from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
+from deepeyes_agent.training.config import TrainConfig
+from deepeyes_agent.training.demonstrations import demonstrations
+from deepeyes_agent.training.losses import token_count
+from deepeyes_agent.training.masked import masked_var
+from deepeyes_agent.training.rllib.env_runner import LLMEnvRunner, RunnerBatch
+from deepeyes_agent.training.rllib.learner import LLMLearner
+from deepeyes_agent.training.rllib.module import QwenVLModule
+from deepeyes_agent.training.tasks import TaskSchedule, make_task_source
 
 STATE_KEY = "deepeyes"
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if v == v]  # NaN (e.g. IoU without a zoom) is left out
-    return float(np.mean(finite)) if finite else float("nan")
+class DeepEyesConfig(AlgorithmConfig):
+    """RLlib config of :class:`DeepEyesAlgorithm`: the typed run config as ``config.deepeyes``, mapped onto RLlib's
+    own settings (env runners, learners, resources, fault tolerance, seed) by :meth:`run_config`."""
 
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or DeepEyesAlgorithm)
+        self.deepeyes = TrainConfig.model_construct()  # the defaults, until run_config() sets a validated one
+        self.env_runner_cls = LLMEnvRunner
+        # The runner drives whole episodes itself: no RLlib connectors, no env-runner state merging.
+        self.add_default_connectors_to_env_to_module_pipeline = False
+        self.add_default_connectors_to_module_to_env_pipeline = False
+        self.add_default_connectors_to_learner_pipeline = False
+        self.merge_env_runner_states = False
+        self.broadcast_env_runner_states = False
+        self.restart_failed_env_runners = True
+        self.num_cpus_for_main_process = 0  # the driver mostly waits; do not reserve a core for it
 
-def batch_metrics(episodes: Sequence[PackedEpisode], prefix: str = "") -> dict[str, float]:
-    """Means of the per-episode metrics, plus the tool-call rate (share of episodes with a call)."""
-    if not episodes:
-        return {}
-    keys = episodes[0].metrics.keys()
-    out = {f"{prefix}{k}": _mean([e.metrics[k] for e in episodes]) for k in keys}
-    out[f"{prefix}tool_call_rate"] = _mean([float(e.metrics.get("tool_calls", 0) > 0) for e in episodes])
-    calls = sum(e.metrics.get("tool_calls", 0.0) for e in episodes)
-    invalid = sum(e.metrics.get("invalid_calls", 0.0) for e in episodes)
-    out[f"{prefix}invalid_call_rate"] = invalid / calls if calls else 0.0
-    return out
+    # ------------------------------------------------------------------ RLlib hooks
+    def get_default_learner_class(self) -> type:
+        return LLMLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        model = self.deepeyes.model
+        return RLModuleSpec(module_class=QwenVLModule, model_config={
+            "path": model.path, "dtype": model.dtype, "attn_implementation": model.attn_implementation,
+            "gradient_checkpointing": model.gradient_checkpointing,
+            "value_head": self.deepeyes.algorithm.advantage == "gae"})
+
+    def run_config(self, run: TrainConfig) -> DeepEyesConfig:
+        """Take every setting from a typed run config (and map the RLlib-level ones)."""
+        self.deepeyes = run
+        res = run.resources
+        self.debugging(seed=run.seed, log_level="WARN")
+        self.env_runners(num_env_runners=res.num_env_runners, num_cpus_per_env_runner=res.num_cpus_per_env_runner,
+                         num_gpus_per_env_runner=res.num_gpus_per_env_runner,
+                         custom_resources_per_env_runner=dict(res.env_runner_resources),
+                         create_local_env_runner=res.num_env_runners == 0,
+                         sample_timeout_s=res.sample_timeout_s)
+        self.learners(num_learners=res.num_learners, num_cpus_per_learner=res.num_cpus_per_learner,
+                      num_gpus_per_learner=res.num_gpus_per_learner)
+        self.fault_tolerance(restart_failed_env_runners=res.restart_failed_env_runners)
+        super().training(lr=run.optim.lr)
+        return self
+
+    @classmethod
+    def from_run_config(cls, run: TrainConfig) -> DeepEyesConfig:
+        return cls().run_config(run)
 
 
 def explained_variance(episodes: Sequence[PackedEpisode]) -> float:
@@ -116,7 +157,7 @@ class DeepEyesAlgorithm(Algorithm):
         return restored
 
     def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
-                        temperature: float | None = None, seed: int = 0, keep: int = 0) -> list[dict[str, Any]]:
+                        temperature: float | None = None, seed: int = 0, keep: int = 0) -> list[RunnerBatch]:
         """Play the tasks on the env runners (split evenly across the healthy ones); one result per runner.
 
         Each task's rollouts stay on one runner, so a GRPO group is never split; a runner that fails
@@ -196,10 +237,10 @@ class DeepEyesAlgorithm(Algorithm):
             run.logging.save_trajectories_every and (iteration + 1) % run.logging.save_trajectories_every == 0) else 0
         results = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
                                        seed=run.seed * 1_000_003 + iteration * 101, keep=keep)
-        episodes = [e for r in results for e in r["episodes"]]
+        episodes = [e for r in results for e in r.episodes]
         timings["rollout_s"] = time.perf_counter() - start
-        timings["judge_s"] = max((r["timings"].get("judge_s", 0.0) for r in results), default=0.0)
-        timings["generate_s"] = max((r["timings"].get("generate_s", 0.0) for r in results), default=0.0)
+        timings["judge_s"] = max((r.timings.get("judge_s", 0.0) for r in results), default=0.0)
+        timings["generate_s"] = max((r.timings.get("generate_s", 0.0) for r in results), default=0.0)
         if not episodes:
             raise RuntimeError("no episodes came back from the env runners")
 
@@ -219,7 +260,7 @@ class DeepEyesAlgorithm(Algorithm):
         tokens = max(1.0, stats.get("tokens", 0.0))
         all_tokens = float(sum(len(e) for e in episodes))
         metrics: dict[str, Any] = {
-            **batch_metrics(episodes),
+            **batch_metrics([e.metrics for e in episodes]),
             "episodes": float(len(episodes)),
             "pg_loss": stats.get("pg_loss", 0.0) / tokens,
             "entropy": stats.get("entropy_sum", 0.0) / tokens,
@@ -231,7 +272,7 @@ class DeepEyesAlgorithm(Algorithm):
             "grad_norm": stats.get("grad_norm", 0.0),
             "lr": lr,
             "learner_tokens_per_s": all_tokens * run.algorithm.epochs / max(timings["update_s"], 1e-9),
-            "rollout_tokens_per_s": sum(r["timings"].get("generated_tokens", 0.0) for r in results)
+            "rollout_tokens_per_s": sum(r.timings.get("generated_tokens", 0.0) for r in results)
             / max(timings["rollout_s"], 1e-9),
             "env_runners": float(len(results)),
             **{f"time/{k}": v for k, v in timings.items()},
@@ -245,13 +286,13 @@ class DeepEyesAlgorithm(Algorithm):
             })
         judge_stats: dict[str, float] = {}
         for r in results:
-            for k, v in (r.get("judge_stats") or {}).items():
+            for k, v in r.judge_stats.items():
                 if isinstance(v, (int, float)):
                     judge_stats[f"judge/{k}"] = judge_stats.get(f"judge/{k}", 0.0) + float(v)
         metrics.update(judge_stats)
-        metrics["env_runner_nodes"] = sorted({r["node_id"] for r in results})
-        metrics["env_runner_pids"] = sorted({r["pid"] for r in results})
-        self.last_samples = [s for r in results for s in r.get("samples", [])]
+        metrics["env_runner_nodes"] = sorted({r.node_id for r in results})
+        metrics["env_runner_pids"] = sorted({r.pid for r in results})
+        self.last_samples = [s for r in results for s in r.samples]
         self.last_metrics = metrics
         self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
 
@@ -264,13 +305,13 @@ class DeepEyesAlgorithm(Algorithm):
             return {}
         results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1,
                                        temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
-        return batch_metrics([e for r in results for e in r["episodes"]])
+        return batch_metrics([e.metrics for r in results for e in r.episodes])
 
     def run_sft(self, progress: Any = None) -> list[dict[str, float]]:
         """Supervised warm start on scripted demonstrations (``sft.steps`` AdamW steps); idempotent."""
         if self.sft_done:
             return []
-        from deepeyes_agent.models import load_processor
+        from deepeyes_agent.policy.loading import load_processor
 
         run = self.config.deepeyes
         processor = load_processor(run.model.path, min_pixels=run.model.min_pixels, max_pixels=run.model.max_pixels)

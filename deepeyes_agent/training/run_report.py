@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deepeyes_agent.run_log import read_metrics
+from deepeyes_agent.training.run_log import read_metrics
 
 PLOTS = (
     ("reward.png", "Reward", [("train", "reward"), ("eval", "reward")]),

@@ -22,8 +22,8 @@ import torch
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from deepeyes_agent.models import load_model
-from deepeyes_agent.rllib.losses import critic_values, forward_with_values, last_hidden_state
+from deepeyes_agent.policy.loading import load_model
+from deepeyes_agent.training.losses import critic_values, forward_with_values, last_hidden_state
 
 VALUE_HEAD = "value_head."  # prefix of the critic's entries in the module state
 

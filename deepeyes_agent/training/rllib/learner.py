@@ -36,10 +36,10 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from deepeyes_agent.models import load_model, load_processor
-from deepeyes_agent.rllib.batch import PackedEpisode, collate_episodes, micro_batches
-from deepeyes_agent.rllib.lockstep import is_filler, lockstep_micro_batches, vision_filler
-from deepeyes_agent.rllib.losses import LossSettings, rl_loss_from_logits, sampled_token_stats, sft_loss
+from deepeyes_agent.policy.loading import load_model, load_processor
+from deepeyes_agent.training.batch import PackedEpisode, collate_episodes, micro_batches
+from deepeyes_agent.training.lockstep import is_filler, lockstep_micro_batches, vision_filler
+from deepeyes_agent.training.losses import LossSettings, rl_loss_from_logits, sampled_token_stats, sft_loss
 
 
 class LLMLearner(TorchLearner):

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from deepeyes_agent.run_log import RunLog, format_line
-from deepeyes_agent.train_config import TrainConfig
+from deepeyes_agent.training.config import TrainConfig
+from deepeyes_agent.training.run_log import RunLog, format_line
 
 CHECKPOINT_PREFIX = "iter_"
 
@@ -57,7 +57,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     if cfg.model.build_tiny:
         model_dir = run_dir / "tiny_model"
         if not (model_dir / "config.json").exists():
-            from deepeyes_agent.models import build_tiny_qwen2_5_vl
+            from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 
             build_tiny_qwen2_5_vl(model_dir, seed=cfg.seed)
         cfg.model.path = str(model_dir.resolve())
@@ -84,7 +84,7 @@ def save_samples(algo: Any, run_dir: Path, iteration: int) -> Path | None:
     """Write the iteration's sample trajectories in the trajectory format (``trajectories/iter_N``)."""
     if not algo.last_samples:
         return None
-    from deepeyes_agent.trajectory import save_trajectories
+    from deepeyes_agent.rollout.trajectory import save_trajectories
 
     return save_trajectories(algo.last_samples, run_dir / "trajectories" / f"iter_{iteration}")
 
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
     import torch
     from tqdm import tqdm
 
-    from deepeyes_agent.rllib.config import DeepEyesConfig
+    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(cfg.resources.torch_threads)
@@ -157,11 +157,11 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
         bar.close()
         report = None
         if cfg.logging.report:
-            from deepeyes_agent.run_report import write_report
+            from deepeyes_agent.training.run_report import write_report
 
             report = write_report(run_dir, cfg.to_dict())
             echo(f"report: {report}")
-        from deepeyes_agent.run_log import read_metrics
+        from deepeyes_agent.training.run_log import read_metrics
 
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         return {"run_dir": str(run_dir), "report": str(report) if report else None,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deepeyes_agent.chat import EpisodeContext
-from deepeyes_agent.rllib.batch import PackedEpisode, micro_batches
+from deepeyes_agent.policy.chat import EpisodeContext
+from deepeyes_agent.training.batch import PackedEpisode, micro_batches
 from deepeyes_envs.messages import image_part, message
 
 FILLER_TASK_ID = "<vision filler>"

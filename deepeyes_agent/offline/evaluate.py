@@ -5,13 +5,13 @@ sample, a stop at ``</tool_call>`` and ``<|im_end|>``, rule matching first and a
 rules cannot decide; and what it did not: options shuffled with a fixed seed (``benchmarks.py``),
 resumable runs, every trajectory saved, one report::
 
-    python -m deepeyes_agent.evaluate --policy /models/DeepEyes-7B --benchmark vstar:/data/vstar_bench \
+    python -m deepeyes_agent.offline.evaluate --policy /models/DeepEyes-7B --benchmark vstar:/data/vstar_bench \
         --benchmark hrbench:/data/hr_bench_4k.tsv --out runs/deepeyes-7b
-    python -m deepeyes_agent.evaluate --endpoint http://127.0.0.1:8000/v1 --benchmark synthetic:40 --out runs/x
+    python -m deepeyes_agent.offline.evaluate --endpoint http://127.0.0.1:8000/v1 --benchmark synthetic:40 --out runs/x
 
 Output directory: ``run.json`` (settings), per benchmark ``<name>/samples.jsonl`` (one line per sample, in
 chunks, the resume log) and ``<name>/trajectories/chunk-NNNNN/`` (saved with
-:mod:`deepeyes_agent.trajectory`), then ``results.json`` (every sample's result with its trajectory
+:mod:`deepeyes_agent.rollout.trajectory`), then ``results.json`` (every sample's result with its trajectory
 reference, and the metrics), ``report.md`` and ``plots/*.png``.
 """
 
@@ -26,17 +26,19 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
+from pydantic import ConfigDict
 
-from deepeyes_agent.benchmarks import Benchmark, category_of, load_benchmark
-from deepeyes_agent.reporting import ResultsLog, bar_png, histogram_png, md_table, pct
+from deepeyes_agent.offline.benchmark_files import Benchmark, category_of, load_benchmark
+from deepeyes_agent.offline.reporting import ResultsLog, bar_png, histogram_png, md_table, pct
 from deepeyes_agent.rollout.engine import SamplingParams
-from deepeyes_agent.runners import Runner, add_policy_arguments, runner_from_arguments, trajectory_stats
-from deepeyes_agent.trajectory import save_trajectories
+from deepeyes_agent.rollout.metrics import episode_metrics
+from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
+from deepeyes_agent.rollout.trajectory import save_trajectories
+from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.judges import Judge, JudgeRequest, LLMJudge, Verdict, match_rules, option_letter
 
 # REFERENCE.md section 6: accuracy (%) as published.
@@ -88,22 +90,24 @@ class EvalJudge(Judge):
 
 
 # ---------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     """How samples are played. All of it goes into the resume check."""
 
-    k: int = 1
-    temperature: float = 0.0
-    max_turns: int = 11
-    max_tokens: int = 1024
-    seed: int = 0
-    shuffle: bool = True
-    env: str = "visual_toolbox_v2"
-    batch_size: int = 8
-    judge: str = "rule"  # "rule" or "llm"
-    judge_url: Optional[str] = None
-    judge_model: Optional[str] = None
-    synthetic_size: tuple[int, int] = (1920, 1080)
+    model_config = ConfigDict(frozen=True)
+
+    k: int = setting(1, "Samples per question (Avg@k, Pass@k).", ge=1)
+    temperature: float = setting(0.0, "Sampling temperature (0: greedy).", ge=0.0)
+    max_turns: int = setting(11, "Model calls per sample (DeepEyes evaluated with 11).", ge=1)
+    max_tokens: int = setting(1024, "Tokens per model call.", ge=1)
+    seed: int = setting(0, "Option shuffling and sampling seed.")
+    shuffle: bool = setting(True, "Shuffle multiple-choice options with the seed (the released order inflates "
+                                  "scores).")
+    env: str = setting("visual_toolbox_v2", "Env the samples are played in.")
+    batch_size: int = setting(8, "Samples per chunk (the unit of resuming).", ge=1)
+    judge: Literal["rule", "llm"] = setting("rule", "What decides when the rules cannot.")
+    judge_url: Optional[str] = setting(None, "LLM judge base URL (default $LLM_AS_A_JUDGE_BASE).")
+    judge_model: Optional[str] = setting(None, "LLM judge model name (default: the first the server lists).")
+    synthetic_size: tuple[int, int] = setting((1920, 1080), "Image size (width, height) of the synthetic benchmark.")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
@@ -158,9 +162,11 @@ def evaluate_benchmark(bench: Benchmark, runner: Runner, config: EvalConfig, out
 def _sample_record(bench: Benchmark, task: Any, trajs: Sequence[Any], chunk: int, rel: str) -> dict[str, Any]:
     runs = []
     for traj in trajs:
-        stats = trajectory_stats(traj)
-        stats["trajectory"] = {"dir": rel, "uid": traj.uid}
-        runs.append(stats)
+        calls = [c for turn in traj.turns for c in turn.tool_calls]
+        runs.append({**episode_metrics(traj), "answer": str(traj.reward_parts.get("answer", "")),
+                     "judge_source": traj.reward_parts.get("judge_source"), "end_reason": traj.end_reason,
+                     "ious": [float(c["iou"]) for c in calls if isinstance(c.get("iou"), (int, float))],
+                     "trajectory": {"dir": rel, "uid": traj.uid}})
     accs = [r["acc"] for r in runs]
     return {"benchmark": bench.name, "task_id": task.task_id, "category": category_of(task), "chunk": chunk,
             "question": task.question, "options": list(task.options or []), "answer": task.answer,
@@ -186,7 +192,7 @@ def benchmark_metrics(records: Sequence[Mapping[str, Any]], overall: str, k: int
         "pass_at_k": float(np.mean([r["pass"] for r in records])) if records else None,
         "tool_calls_per_sample": float(np.mean([run["tool_calls"] for run in runs])) if runs else None,
         "invalid_calls_per_sample": float(np.mean([run["invalid_calls"] for run in runs])) if runs else None,
-        "tool_use_rate": float(np.mean([run["tool_calls"] > 0 for run in runs])) if runs else None,
+        "tool_call_rate": float(np.mean([run["tool_calls"] > 0 for run in runs])) if runs else None,
         "turns_per_sample": float(np.mean([run["turns"] for run in runs])) if runs else None,
         "mean_iou": float(np.mean(ious)) if ious else None, "n_iou_boxes": len(ious),
         "end_reasons": dict(sorted(_count(run["end_reason"] for run in runs).items())),
@@ -222,7 +228,7 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
     for name, bench in results["benchmarks"].items():
         m = bench["metrics"]
         summary.append([name, m["n"], pct(m["overall"]), *([pct(m["pass_at_k"])] if k > 1 else []),
-                        m["tool_calls_per_sample"], m["invalid_calls_per_sample"], m["tool_use_rate"], m["mean_iou"]])
+                        m["tool_calls_per_sample"], m["invalid_calls_per_sample"], m["tool_call_rate"], m["mean_iou"]])
     head = ["benchmark", "samples", f"overall {acc_label} (%)", *([f"Pass@{k} (%)"] if k > 1 else []),
             "tool calls / sample", "invalid calls / sample", "samples with a tool call", "mean zoom IoU"]
     lines += ["## Summary", "", md_table(head, summary), "",
@@ -242,7 +248,7 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
         bar_png(plots / "accuracy.png", bars, title=f"{acc_label} per category", ylabel="%")
         calls = {name: [run["tool_calls"] for r in b["samples"] for run in r["runs"]]
                  for name, b in results["benchmarks"].items()}
-        top = max([max(v) for v in calls.values() if v] + [1])
+        top = int(max([max(v) for v in calls.values() if v] + [1]))
         histogram_png(plots / "tool_calls.png", calls, bins=[i - 0.5 for i in range(top + 2)],
                       title="Tool calls per episode", xlabel="tool calls", ylabel="episodes")
         lines += ["## Plots", "", "![accuracy per category](plots/accuracy.png)", "",
@@ -261,14 +267,15 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- the command
 def run_evaluation(benchmarks: Sequence[Benchmark], runner: Runner, out_dir: str | os.PathLike, *,
-                   config: EvalConfig = EvalConfig(), limit: Optional[int] = None, overwrite: bool = False,
+                   config: EvalConfig | None = None, limit: Optional[int] = None, overwrite: bool = False,
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate (resuming what ``out_dir`` holds), write results.json, report.md and plots; return results."""
+    config = config or EvalConfig()
     out = Path(out_dir)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"policy": runner.describe(), **json.loads(json.dumps(dataclasses.asdict(config)))}
+    settings = {"policy": runner.describe(), **config.model_dump(mode="json")}
     (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     start = time.perf_counter()
     results: dict[str, Any] = {"settings": settings, "benchmarks": {}}
@@ -287,7 +294,8 @@ def run_evaluation(benchmarks: Sequence[Benchmark], runner: Runner, out_dir: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.evaluate", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.offline.evaluate",
+                                     description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_policy_arguments(parser)
     b = parser.add_argument_group("benchmarks and output")
