@@ -57,6 +57,9 @@ def env_names(source: TaskSource) -> list[str]:
         return [name or "" for name in column]
     if isinstance(source, ConcatTaskSource):
         return [name for sub in source.sources for name in env_names(sub)]
+    if isinstance(source, SubsetTaskSource):
+        names = env_names(source.source)
+        return [names[i] for i in source.indices]
     return [env_name_of(source[i]) for i in range(len(source))]
 
 

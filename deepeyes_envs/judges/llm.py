@@ -10,8 +10,9 @@ Why it looks like this (docs/deepeyes.md, "The judge", lists the flaws it replac
   timeout and no retry. Here nothing touches the network before the first call; the model name comes from
   ``/models`` then; every request has a timeout and is retried with exponential backoff and jitter on
   connection errors, timeouts, 429 and 5xx (``deepeyes_envs.http``, as the endpoint player's). A server
-  that never answered raises :class:`JudgeUnavailableError` naming the URL. When retries run out later, ``on_failure`` decides:
-  ``"raise"`` a :class:`JudgeError`, or ``"fallback"`` to the rule judge (source "fallback").
+  that never answered raises :class:`JudgeUnavailableError` naming the URL. When retries run out later,
+  ``on_failure`` decides: ``"raise"`` a :class:`JudgeError`, or ``"fallback"`` to the rule judge (source
+  "fallback").
 * Certain rule matches (exact text, option letters, same number) skip the LLM; repeated answers hit a cache
   keyed on (question, ground truth, answer, judge model, prompt version), identical requests in flight are
   sent once, and :meth:`LLMJudge.stats` exposes counters for logging so a hiccupping judge is visible.

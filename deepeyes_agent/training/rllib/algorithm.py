@@ -40,7 +40,7 @@ from deepeyes_agent.training.masked import masked_var
 from deepeyes_agent.training.rllib.env_runner import LLMEnvRunner, RunnerBatch
 from deepeyes_agent.training.rllib.learner import LLMLearner
 from deepeyes_agent.training.rllib.module import QwenVLModule
-from deepeyes_agent.training.tasks import TaskSchedule, make_task_source
+from deepeyes_agent.training.tasks import MixedSchedule, make_schedule, make_task_source
 
 STATE_KEY = "deepeyes"
 
@@ -124,7 +124,7 @@ class DeepEyesAlgorithm(Algorithm):
     def setup(self, config: DeepEyesConfig) -> None:
         super().setup(config)
         run = self.config.deepeyes
-        self.schedule = TaskSchedule(len(make_task_source(run.data, "train")), run.data.seed, run.data.shuffle)
+        self.schedule = make_schedule(make_task_source(run.data, "train"), run.data)
         self.n_eval_tasks = len(make_task_source(run.data, "eval"))
         self.sft_done = run.sft.steps == 0
         self.last_metrics: dict[str, Any] = {}
@@ -233,6 +233,8 @@ class DeepEyesAlgorithm(Algorithm):
 
         start = time.perf_counter()
         indices = self.schedule.take(run.rollout.prompts_per_iteration)
+        mix = {"data/agentic_share": self.schedule.agentic_share(indices)} if isinstance(self.schedule,
+                                                                                         MixedSchedule) else {}
         keep = run.logging.n_saved_trajectories if (
             run.logging.save_trajectories_every and (iteration + 1) % run.logging.save_trajectories_every == 0) else 0
         results = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
@@ -276,6 +278,7 @@ class DeepEyesAlgorithm(Algorithm):
             / max(timings["rollout_s"], 1e-9),
             "env_runners": float(len(results)),
             **{f"time/{k}": v for k, v in timings.items()},
+            **mix,
         }
         if ppo:
             metrics.update({
