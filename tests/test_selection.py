@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deepeyes_agent.offline.reporting import ResultsLog, SettingsMismatchError
+from deepeyes_agent.offline.chunk_log import ChunkLog, SettingsMismatchError
 from deepeyes_agent.offline.selection import SelectionConfig, SelectionRules, main, run_selection
 from deepeyes_agent.rollout.runners import EndpointRunner
 from deepeyes_envs.datasets import write_deepeyes_parquet
@@ -46,16 +46,16 @@ def test_rules_band_plain_fails_tools_help_and_combination():
 
 def test_results_log_drops_a_torn_last_line_and_refuses_other_settings(tmp_path):
     path = tmp_path / "progress.jsonl"
-    log = ResultsLog(path, {"k": 4})
+    log = ChunkLog(path, {"k": 4})
     log.append([{"row": 0, "chunk": 0}, {"chunk_done": 0}])
     with open(path, "a") as fh:
         fh.write('{"row": 1, "chu')  # what a kill in the middle of a write leaves
-    again = ResultsLog(path, {"k": 4})
+    again = ChunkLog(path, {"k": 4})
     assert again.records == [{"row": 0, "chunk": 0}, {"chunk_done": 0}]
     again.append([{"row": 1, "chunk": 1}])
     assert [json.loads(x) for x in path.read_text().splitlines()][-1] == {"row": 1, "chunk": 1}
     with pytest.raises(SettingsMismatchError, match="k: 4 -> 8"):
-        ResultsLog(path, {"k": 8})
+        ChunkLog(path, {"k": 8})
 
 
 # ---------------------------------------------------------------------------------------------- scripted policy

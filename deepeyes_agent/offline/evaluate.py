@@ -33,7 +33,8 @@ import numpy as np
 from pydantic import ConfigDict
 
 from deepeyes_agent.offline.benchmark_files import Benchmark, category_of, load_benchmark
-from deepeyes_agent.offline.reporting import ResultsLog, bar_png, histogram_png, md_table, pct
+from deepeyes_agent.offline.chunk_log import ChunkLog
+from deepeyes_agent.offline.reporting import bar_png, histogram_png, md_table, pct
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.metrics import episode_metrics
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
@@ -123,40 +124,24 @@ def evaluate_benchmark(bench: Benchmark, runner: Runner, config: EvalConfig, out
                        limit: Optional[int] = None, progress: bool = True, settings: Mapping[str, Any]
                        ) -> list[dict[str, Any]]:
     """Play (resuming) one benchmark in fixed chunks and return its sample records in task order."""
-    bench_dir = out_dir / bench.name
-    log = ResultsLog(bench_dir / "samples.jsonl", {**settings, "benchmark": bench.name, "source": bench.source,
-                                                   "samples": len(bench)})
+    log = ChunkLog(out_dir / bench.name / "samples.jsonl", {**settings, "benchmark": bench.name,
+                                                           "source": bench.source, "samples": len(bench)})
     tasks = bench.tasks[:limit] if limit is not None else bench.tasks
-    size = config.batch_size
-    done = {int(r["chunk_done"]) for r in log.records if "chunk_done" in r}
-    chunks = [c for c in range(-(-len(tasks) // size)) if c not in done]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), initial=min(len(tasks), len(done) * size), unit="sample", desc=bench.name,
-                   file=sys.stderr)
     judge = config.make_judge()
-    try:
-        for c in chunks:
-            chunk_tasks = tasks[c * size:(c + 1) * size]
-            trajs = runner.play(chunk_tasks, n_per_task=config.k, sampling=config.sampling(), env_id=config.env,
-                                env_kwargs={"max_turns": config.max_turns}, judge=judge,
-                                seed=(config.seed * 1_000_003 + c) % 2**31)
-            rel = f"{bench.name}/trajectories/chunk-{c:05d}"
-            save_trajectories(trajs, out_dir / rel)
-            groups = trajs.groups()
-            records = [_sample_record(bench, task, groups[g], c, rel) for g, task in enumerate(chunk_tasks)]
-            log.append([*records, {"chunk_done": c}])
-            if bar is not None:
-                bar.update(len(chunk_tasks))
-    finally:
-        if bar is not None:
-            bar.close()
-    finished = {int(r["chunk_done"]) for r in log.records if "chunk_done" in r}
-    records = [r for r in log.records if "task_id" in r and r["chunk"] in finished]
+
+    def play(chunk: int, items: range) -> list[dict[str, Any]]:
+        chunk_tasks = [tasks[i] for i in items]
+        trajs = runner.play(chunk_tasks, n_per_task=config.k, sampling=config.sampling(), env_id=config.env,
+                            env_kwargs={"max_turns": config.max_turns}, judge=judge,
+                            seed=(config.seed * 1_000_003 + chunk) % 2**31)
+        rel = f"{bench.name}/trajectories/chunk-{chunk:05d}"
+        save_trajectories(trajs, out_dir / rel)
+        groups = trajs.groups()
+        return [_sample_record(bench, task, groups[g], chunk, rel) for g, task in enumerate(chunk_tasks)]
+
+    log.run_chunks(len(tasks), config.batch_size, play, progress=bench.name if progress else None)
     order = {t.task_id: i for i, t in enumerate(tasks)}
-    return sorted((r for r in records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
+    return sorted((r for r in log.finished_records() if r["task_id"] in order), key=lambda r: order[r["task_id"]])
 
 
 def _sample_record(bench: Benchmark, task: Any, trajs: Sequence[Any], chunk: int, rel: str) -> dict[str, Any]:

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ConfigDict, field_validator
 
-from deepeyes_agent.offline.reporting import ResultsLog, histogram_png, md_table
+from deepeyes_agent.offline.chunk_log import ChunkLog
+from deepeyes_agent.offline.reporting import histogram_png, md_table
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
 from deepeyes_agent.settings import Section, setting
@@ -163,51 +164,18 @@ def chunk_seed(seed: int, chunk: int, phase: int) -> int:
     return (seed * 1_000_003 + chunk * 2 + phase) % (2**31)
 
 
-def measure(source: TaskSource, runner: Runner, config: SelectionConfig, log: ResultsLog, *,
+def measure(source: TaskSource, runner: Runner, config: SelectionConfig, log: ChunkLog, *,
             limit: Optional[int] = None, progress: bool = True) -> list[dict[str, Any]]:
     """Measure every row's pass rates (continuing ``log``) and return the records, in row order.
 
     ``limit``: stop once that many rows are recorded (whole chunks, so a later run continues seamlessly).
     """
-    n_rows, size = len(source), config.batch_size
-    done = _finished_chunks(log)
-    todo = [c for c in range(-(-n_rows // size)) if c not in done]
-    recorded = sum(min(size, n_rows - c * size) for c in done)
-    bar = _progress_bar(n_rows, recorded, progress)
-    try:
-        for c in todo:
-            if limit is not None and recorded >= limit:
-                break
-            rows = list(range(c * size, min(n_rows, (c + 1) * size)))
-            records = _measure_chunk(source, rows, c, runner, config)
-            log.append([*records, {"chunk_done": c}])
-            recorded += len(rows)
-            if bar is not None:
-                bar.update(len(rows))
-                kept_like = sum(r["status"] == "measured" for r in records)
-                bar.set_postfix(chunk=c, measured=kept_like)
-    finally:
-        if bar is not None:
-            bar.close()
-    return measured_records(log)
+    def work(chunk: int, rows: range) -> list[dict[str, Any]]:
+        return _measure_chunk(source, rows, chunk, runner, config)
 
-
-def measured_records(log: ResultsLog) -> list[dict[str, Any]]:
-    """Sample records of finished chunks only, in row order."""
-    done = _finished_chunks(log)
-    return sorted((r for r in log.records if "row" in r and r["chunk"] in done), key=lambda r: r["row"])
-
-
-def _finished_chunks(log: ResultsLog) -> set[int]:
-    return {int(r["chunk_done"]) for r in log.records if "chunk_done" in r}
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="row", desc="selection", file=sys.stderr)
+    log.run_chunks(len(source), config.batch_size, work, limit=limit, progress="selection" if progress else None,
+                   unit="row")
+    return sorted(log.finished_records(), key=lambda r: r["row"])
 
 
 def _measure_chunk(source: TaskSource, rows: Sequence[int], chunk: int, runner: Runner,
@@ -368,7 +336,7 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
     source = load_deepeyes_parquet(data, image_root=image_root)
     settings = {"data": os.path.abspath(os.fspath(data)), "rows": len(source), "policy": runner.describe(),
                 **config.settings()}
-    log = ResultsLog(log_path, settings)
+    log = ChunkLog(log_path, settings)
     start = time.perf_counter()
     records = measure(source, runner, config, log, limit=limit, progress=progress)
     elapsed = time.perf_counter() - start
