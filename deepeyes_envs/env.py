@@ -21,7 +21,15 @@ import gymnasium as gym
 import numpy as np
 
 from . import prompts
-from .images import MAX_DECODED_PIXELS, MAX_PIXELS, MIN_PIXELS, seen_size, to_rgb_array
+from .images import (
+    MAX_DECODED_PIXELS,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    PATCH_FACTOR,
+    check_pixel_budget,
+    seen_size,
+    to_rgb_array,
+)
 from .judges import Judge
 from .judges import make_judge as _make_judge
 from .messages import (
@@ -65,6 +73,7 @@ class ToolEnv(gym.Env):
         defer_reward: bool = False,
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
+        image_factor: int = PATCH_FACTOR,
         max_image_pixels: int = MAX_DECODED_PIXELS,
         max_action_chars: int = 200_000,
         render_mode: Optional[str] = None,
@@ -75,6 +84,7 @@ class ToolEnv(gym.Env):
             raise ValueError(f"coordinate_frame must be one of {COORDINATE_FRAMES}, got {coordinate_frame!r}")
         if max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {max_turns}")
+        check_pixel_budget(image_factor, min_pixels, max_pixels)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.tool_names = tuple(tools)
@@ -89,7 +99,7 @@ class ToolEnv(gym.Env):
         self.task_source: TaskSource = _resolve_task_source(task_source)
         self.judge: Judge = _make_judge(judge)
         self.defer_reward = defer_reward
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.min_pixels, self.max_pixels, self.image_factor = min_pixels, max_pixels, image_factor
         self.max_image_pixels = max_image_pixels
         self.render_mode = render_mode
         self.observation_space = ConversationSpace()
@@ -114,7 +124,7 @@ class ToolEnv(gym.Env):
         image.flags.writeable = False  # crops are views of it: nobody may change the original's pixels
         self.images.append(image)
         height, width = image.shape[:2]
-        self.seen_sizes.append(seen_size(width, height, self.min_pixels, self.max_pixels))
+        self.seen_sizes.append(seen_size(width, height, self.min_pixels, self.max_pixels, self.image_factor))
         self.offsets.append(offset)
 
     # -- reset ---------------------------------------------------------------------------------
