@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import gymnasium as gym
@@ -62,6 +62,7 @@ class ToolEnv(gym.Env):
         *,
         tools: Sequence[str] = ("image_zoom_in_tool",),
         advertised_tools: Optional[Sequence[str]] = None,
+        tool_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         prompt_style: str = "dynamic",
         coordinate_frame: str = "seen",
         crop_of_crop: bool = False,
@@ -89,7 +90,10 @@ class ToolEnv(gym.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.tool_names = tuple(tools)
         self.advertised_tools = tuple(self.tool_names if advertised_tools is None else advertised_tools)
-        self._tools = {name: make_tool(name) for name in self.tool_names}
+        # Options apply wherever the env makes the tool (a task may bring its own tool list), so they
+        # are checked here for every named tool, offered or not: a typo fails at construction.
+        self.tool_options = {name: dict(opts) for name, opts in (tool_options or {}).items()}
+        self._tools = {name: self._make_tool(name) for name in (*self.tool_options, *self.tool_names)}
         self.prompt_style = prompt_style
         self.coordinate_frame = coordinate_frame
         self.crop_of_crop = crop_of_crop
@@ -189,8 +193,11 @@ class ToolEnv(gym.Env):
             return self.tool_names
         unknown = [t for t in task.tools if t not in self._tools]
         for name in unknown:
-            self._tools[name] = make_tool(name)
+            self._tools[name] = self._make_tool(name)
         return tuple(task.tools)
+
+    def _make_tool(self, name: str) -> Tool:
+        return make_tool(name, **self.tool_options.get(name, {}))
 
     def _user_prompt(self, task: Task) -> str:
         if self.prompt_style == "deepeyes_v2":
