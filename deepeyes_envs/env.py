@@ -372,7 +372,7 @@ class ToolEnv(gym.Env):
         info["end_reason"] = reason
         outcome = EpisodeOutcome(response_text="".join(self._response_chunks), task=self.task,
                                  n_image_observations=self.n_image_observations)
-        info["episode"] = self.episode_summary()
+        info["episode_summary"] = self.episode_summary()
         if self.defer_reward:
             info["outcome"] = outcome
             return {"messages": ()}, 0.0, terminated, truncated, info

@@ -322,7 +322,7 @@ def test_max_turns_is_five_generations(env, image):
     _, _, terminated, truncated, info = env.step(zoom([0, 0, 200, 200]))
     assert truncated and not terminated and info["end_reason"] == "max_turns"
     assert info["tool_calls"] == []  # the fifth generation's call is not run
-    assert info["episode"]["image_observations"] == 4
+    assert info["episode_summary"]["image_observations"] == 4
 
 
 def test_reward_parts_follow_the_deepeyes_formula(env, image):
