@@ -138,9 +138,9 @@ class ToolEnv(gym.Env):
         self._reset_state(task)
         for tool in self._tools.values():
             tool.reset()
-        images = task.load_images()
+        images = task.load_images(max_pixels=self.max_image_pixels)  # TaskImageError names the task and image
         if not images:
-            raise ValueError(f"task {task.task_id or task.question[:40]!r} has no image")
+            raise task.error(f"task {task.task_id or task.question[:40]!r} has no image", field="images")
         for image in images:
             self._add_image(image, (0.0, 0.0) if not self.images else None)
         prompt = self._prompt_messages(task)
