@@ -205,15 +205,15 @@ class IndexedTaskSource:
 
     def _get_or_skip(self, index: int) -> Optional[Task]:
         """Row ``index`` as a task, or None when it is bad and bad rows are skipped."""
-        bad = self._skipped()
-        if index in bad:
+        skipping = self.on_bad_row == "skip"
+        if skipping and index in self._skipped():
             return None
         try:
             return self._get(index)
         except TaskError as exc:
-            if self.on_bad_row != "skip":
+            if not skipping:
                 raise
-            bad[index] = BadRow.from_error(exc, index=index)
+            self._skipped()[index] = BadRow.from_error(exc, index=index)
             return None
 
     def _check_index(self, index: int) -> int:
@@ -227,6 +227,7 @@ class IndexedTaskSource:
 
 
 def check_on_bad_row(value: str) -> str:
+    """``value`` when it is a known ``on_bad_row`` policy, else a ValueError listing them."""
     if value not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {value!r}")
     return value
