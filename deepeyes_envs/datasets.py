@@ -439,7 +439,16 @@ class ParquetTaskSource(IndexedTaskSource):
 
     def _get(self, index: int) -> Task:
         rg = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self._task(self._row(rg, index - self._starts[rg]), index)
+        try:
+            row = self._row(rg, index - self._starts[rg])
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(index, rg, exc) from exc
+        return self._task(row, index)
+
+    def _unreadable(self, index: int, rg: int, exc: Exception) -> TaskError:
+        reason = " ".join(str(exc).split())  # pyarrow's messages span lines; a report has one line per row
+        return TaskError(f"row {index}: row group {rg} of the file cannot be read ({reason})", field="row",
+                         index=index, source=self.path)
 
     def _task(self, row: dict[str, Any], index: int) -> Task:
         env_names = registered_env_names() if self.env_names is None else self.env_names
@@ -471,17 +480,35 @@ class ParquetTaskSource(IndexedTaskSource):
             self._cache.popitem(last=False)
         return table.slice(offset, 1).to_pylist()[0]
 
-    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Every ``(index, raw row)`` of the file, streamed in small batches."""
-        index = 0
-        for batch in self._parquet().iter_batches(batch_size=16):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
+    def rows(self) -> Iterator[tuple[int, dict[str, Any] | TaskError]]:
+        """Every ``(index, raw row)`` of the file, streamed in small batches.
+
+        A row group that cannot be read (corrupt pages) gives ``(index, TaskError)`` for each of its rows
+        not yet read, and reading goes on with the next row group, so one damaged stretch of a file costs
+        its own rows only.
+        """
+        pf = self._parquet()
+        for rg in range(pf.metadata.num_row_groups):
+            index = self._starts[rg]
+            batches = pf.iter_batches(batch_size=16, row_groups=[rg])
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (OSError, pa.ArrowException) as exc:
+                    for i in range(index, self._starts[rg + 1]):
+                        yield i, self._unreadable(i, rg, exc)
+                    break
+                if batch is None:
+                    break
+                for row in batch.to_pylist():
+                    yield index, row
+                    index += 1
 
     def __iter__(self) -> Iterator[Task]:
         for index, row in self.rows():
             try:
+                if isinstance(row, TaskError):
+                    raise row
                 yield self._task(row, index)
             except TaskError as exc:
                 if self.on_bad_row != "skip":
@@ -562,10 +589,14 @@ def check_deepeyes_parquet(
     """:func:`validate_deepeyes_row` over a whole file, streamed: one result per row, in file order.
 
     Only one batch of compressed rows and one decoded image are held at a time, so a 47k-row file of
-    4K images is checked in bounded memory. A file that is not a DeepEyes parquet file raises TaskError.
+    4K images is checked in bounded memory. The rows of a row group that cannot be read are bad rows
+    (field ``"row"``); a file that cannot be opened, or is not a DeepEyes parquet file, raises TaskError.
     """
     source = ParquetTaskSource(path, image_root=image_root)
     for index, row in source.rows():
+        if isinstance(row, TaskError):
+            yield BadRow.from_error(row)
+            continue
         yield validate_deepeyes_row(row, index, image_root=source.image_root, source=source.path,
                                     env_names=env_names, decode_images=decode_images,
                                     max_image_pixels=max_image_pixels)

@@ -195,6 +195,25 @@ def test_several_files_skip_and_list_the_bad_rows_of_each(tmp_path):
         (str(paths[0]), 1, "env_name"), (str(paths[1]), 2, "env_name")]
 
 
+def test_a_corrupt_row_group_costs_only_its_own_rows(tmp_path):
+    path = tmp_path / "damaged.parquet"
+    write(path, [deepeyes_row(i, env_name="visual_toolbox_v2") for i in range(16)])  # row groups of 4
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    start = column.data_page_offset
+    data[start:start + column.total_compressed_size] = bytes(column.total_compressed_size)  # zeroed pages
+    path.write_bytes(bytes(data))
+    bad = [r for r in check_deepeyes_parquet(path) if isinstance(r, BadRow)]
+    assert [(b.index, b.field) for b in bad] == [(i, "row") for i in range(8, 12)]
+    assert "row group 2 of the file cannot be read" in bad[0].reason and "\n" not in bad[0].reason
+    src = load_deepeyes_parquet(path, on_bad_row="skip")
+    assert [t.answer for t in src] == [f"red {i}" for i in range(16) if not 8 <= i < 12]
+    with pytest.raises(TaskError, match="row 9: row group 2") as info:
+        src[9]
+    assert info.value.field == "row" and info.value.index == 9
+    assert src[12].answer == "red 12"
+
+
 def test_an_image_that_fails_at_reset_is_a_typed_error_a_trainer_can_count(sixteen_rows):
     src = load_deepeyes_parquet(sixteen_rows, on_bad_row="skip")
     task = src[7]  # the row reads fine: nothing is decoded before the env needs the pixels
