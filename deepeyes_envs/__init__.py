@@ -9,13 +9,13 @@ from .env import ToolEnv
 from .judges import Judge, JudgeRequest, Verdict, make_judge
 from .messages import render_qwen, render_qwen_observation
 from .registry import env_id_for, make_for_task, register_all, register_env, registered_envs
-from .tasks import Task, TaskError
+from .tasks import BadRow, Task, TaskError, TaskImageError
 from .tools import Tool, ToolContext, ToolError, ToolResult, register_tool
 
 register_all()
 
 __all__ = [
-    "Judge", "JudgeRequest", "Task", "TaskError", "Tool", "ToolContext", "ToolEnv", "ToolError", "ToolResult",
-    "Verdict", "env_id_for", "make_for_task", "make_judge", "register_all", "register_env", "register_tool",
-    "registered_envs", "render_qwen", "render_qwen_observation",
+    "BadRow", "Judge", "JudgeRequest", "Task", "TaskError", "TaskImageError", "Tool", "ToolContext", "ToolEnv",
+    "ToolError", "ToolResult", "Verdict", "env_id_for", "make_for_task", "make_judge", "register_all",
+    "register_env", "register_tool", "registered_envs", "render_qwen", "render_qwen_observation",
 ]

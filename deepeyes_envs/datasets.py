@@ -3,36 +3,47 @@
 Both loaders are lazy: a row becomes a ``Task`` only when a source is indexed, and its images
 become :class:`~deepeyes_envs.images.LazyImage` (compressed bytes or a path), so thousands of 4K
 images cost their compressed size until an env resets on one. Bad rows raise ``TaskError`` naming
-the row and the field; bad pixels raise ``ImageError`` naming the task when the env loads them.
+the row and the field; bad pixels raise ``TaskImageError`` (both a ``TaskError`` and an ``ImageError``)
+naming the task when the env loads them.
 
 The Hugging Face ``datasets`` package is optional (the ``agent`` extra) and imported only inside
 :func:`load_hf_dataset`, so ``import deepeyes_envs`` stays light.
+
+Training must survive bad rows without losing any silently: :func:`validate_deepeyes_row` returns a
+Task or a :class:`~deepeyes_envs.tasks.BadRow` saying why not, sources can skip bad rows and list them
+(``on_bad_row="skip"``), and ``python -m deepeyes_envs.datasets check FILE`` reports every bad row of a
+file before a run starts.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
+import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import LazyImage, encode_png, to_rgb_array
+from .images import MAX_DECODED_PIXELS, LazyImage, encode_png, to_rgb_array
 from .messages import IMAGE_PLACEHOLDER
 from .prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT, SYSTEM_PROMPT_V2, USER_PROMPT_V2
+from .registry import PLAIN_ENV, registered_envs
 from .tasks import (
+    BadRow,
     Box,
     ConcatTaskSource,
     IndexedTaskSource,
     Task,
     TaskError,
     TaskSource,
+    check_on_bad_row,
     format_multiple_choice,
 )
 
@@ -76,36 +87,59 @@ DEEPEYES_SCHEMA = pa.schema(
 # --- one DeepEyes row -> Task -------------------------------------------------------------------
 
 
-def task_from_deepeyes_row(row: Mapping[str, Any], index: int | str, image_root: Optional[PathLike] = None) -> Task:
+def task_from_deepeyes_row(
+    row: Mapping[str, Any],
+    index: int,
+    image_root: Optional[PathLike] = None,
+    *,
+    source: str = "",
+    env_names: Optional[Collection[str]] = None,
+) -> Task:
     """Turn one DeepEyes parquet row (REFERENCE.md section 4) into a Task.
 
     The prompt is kept verbatim (a DeepEyes checkpoint was trained on it); the question comes from
     ``extra_info.question`` or, failing that, from the user text with ``<image>`` and the instruction
     suffix removed; the answer is ``reward_model.ground_truth``. Image paths are resolved against
-    ``image_root``. Any missing or malformed field raises ``TaskError`` naming ``index`` and the field.
+    ``image_root``. With ``env_names``, an ``env_name`` outside it (an empty one means ``plain``) is
+    refused. Any missing or malformed field raises ``TaskError`` naming ``index`` and the field, with
+    ``field``, ``index`` and ``source`` set on the error. No image is decoded here.
     """
+    try:
+        task = _task_from_row(row, index, image_root, source)
+        if env_names is not None and (task.env_name or PLAIN_ENV) not in env_names:
+            raise TaskError(f"row {index}: env_name {task.env_name!r} is not a registered env; known: "
+                            f"{sorted(env_names)}", field="env_name", task_id=task.task_id)
+        return task
+    except TaskError as exc:
+        exc.index = index if exc.index is None else exc.index
+        exc.source = exc.source or source
+        raise
+
+
+def _task_from_row(row: Mapping[str, Any], index: int, image_root: Optional[PathLike], source: str) -> Task:
     where = f"row {index}"
     if not isinstance(row, Mapping):
-        raise TaskError(f"{where}: expected a mapping, got {type(row).__name__}")
+        raise TaskError(f"{where}: expected a mapping, got {type(row).__name__}", field="row")
     for name in REQUIRED_FIELDS:
         if name not in row or (row[name] is None and name != "env_name"):
-            raise TaskError(f"{where}: missing field {name!r}")
+            raise TaskError(f"{where}: missing field {name!r}", field=name)
     data_source = _text(row["data_source"], where, "data_source")
     env_name = "" if row["env_name"] is None else _text(row["env_name"], where, "env_name")
     prompt = _prompt(row["prompt"], where)
     reward_model = _mapping(row["reward_model"], where, "reward_model")
     if reward_model.get("ground_truth") is None:
-        raise TaskError(f"{where}: missing field 'reward_model.ground_truth'")
+        raise TaskError(f"{where}: missing field 'reward_model.ground_truth'", field="reward_model.ground_truth")
     answer = _scalar_text(reward_model["ground_truth"], where, "reward_model.ground_truth")
     extra_info = {} if row.get("extra_info") is None else _mapping(row["extra_info"], where, "extra_info")
 
-    task_id = extra_info.get("task_id") or f"{data_source or 'row'}-{extra_info.get('index', index)}"
+    task_id = str(extra_info.get("task_id") or f"{data_source or 'row'}-{extra_info.get('index', index)}")
     images = _images(row["images"], where, f"{where} ({task_id})", image_root)
     n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in prompt)
     if n_placeholders != len(images):
-        raise TaskError(
-            f"{where}: prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
-        )
+        raise TaskError(f"{where}: prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
+                        f"{len(images)} images", field="prompt", task_id=task_id)
+    if not images:
+        raise TaskError(f"{where}: no images; every env needs at least one", field="images", task_id=task_id)
 
     question = extra_info.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -116,7 +150,7 @@ def task_from_deepeyes_row(row: Mapping[str, Any], index: int | str, image_root:
         images=images,
         data_source=data_source,
         env_name=env_name,
-        task_id=str(task_id),
+        task_id=task_id,
         options=_options(extra_info.get("options"), where, "extra_info.options"),
         gt_boxes=_boxes(extra_info.get("gt_boxes"), where, "extra_info.gt_boxes"),
         prompt=None if extra_info.get("prompt_generated") else prompt,
@@ -126,6 +160,7 @@ def task_from_deepeyes_row(row: Mapping[str, Any], index: int | str, image_root:
             "split": extra_info.get("split") or "",
             "reward_style": reward_model.get("style") or "",
             "row_index": index,
+            "source": source,
         },
     )
 
@@ -144,19 +179,20 @@ def question_from_prompt(prompt: Sequence[Mapping[str, str]]) -> str:
 
 def _text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
-        raise TaskError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        raise TaskError(f"{where}: field {name!r} must be a string, got {type(value).__name__}", field=name)
     return value
 
 
 def _scalar_text(value: Any, where: str, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
-        raise TaskError(f"{where}: field {name!r} must be a string or number, got {type(value).__name__}")
+        raise TaskError(f"{where}: field {name!r} must be a string or number, got {type(value).__name__}",
+                        field=name)
     return value if isinstance(value, str) else str(value)
 
 
 def _mapping(value: Any, where: str, name: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise TaskError(f"{where}: field {name!r} must be a mapping, got {type(value).__name__}")
+        raise TaskError(f"{where}: field {name!r} must be a mapping, got {type(value).__name__}", field=name)
     return value
 
 
@@ -164,18 +200,18 @@ def _sequence(value: Any, where: str, name: str) -> list[Any]:
     if isinstance(value, np.ndarray):  # pandas hands list columns over as object arrays
         value = list(value)
     if not isinstance(value, (list, tuple)):
-        raise TaskError(f"{where}: field {name!r} must be a list, got {type(value).__name__}")
+        raise TaskError(f"{where}: field {name!r} must be a list, got {type(value).__name__}", field=name)
     return list(value)
 
 
 def _prompt(value: Any, where: str) -> tuple[dict[str, str], ...]:
     messages = _sequence(value, where, "prompt")
     if not messages:
-        raise TaskError(f"{where}: field 'prompt' is empty")
+        raise TaskError(f"{where}: field 'prompt' is empty", field="prompt")
     out = []
     for i, msg in enumerate(messages):
         if not (isinstance(msg, Mapping) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
-            raise TaskError(f"{where}: prompt[{i}] must be {{'role': str, 'content': str}}")
+            raise TaskError(f"{where}: prompt[{i}] must be {{'role': str, 'content': str}}", field=f"prompt[{i}]")
         out.append({"role": msg["role"], "content": msg["content"]})
     return tuple(out)
 
@@ -192,12 +228,18 @@ def _images(value: Any, where: str, label: str, image_root: Optional[PathLike]) 
         elif isinstance(entry, (str, os.PathLike)):
             path = entry
         name = f"{label} image {j}"
+        if data is not None and not isinstance(data, (bytes, bytearray)):
+            raise TaskError(f"{where}: images[{j}].bytes must be bytes, got {type(data).__name__}",
+                            field=f"images[{j}]")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TaskError(f"{where}: images[{j}].path must be a string, got {type(path).__name__}",
+                            field=f"images[{j}]")
         if data:
             images.append(LazyImage(bytes(data), name=name))
         elif path:
             images.append(LazyImage(resolve_image_path(path, image_root), name=name))
         else:
-            raise TaskError(f"{where}: images[{j}] has neither bytes nor a path")
+            raise TaskError(f"{where}: images[{j}] has neither bytes nor a path", field=f"images[{j}]")
     return tuple(images)
 
 
@@ -214,7 +256,7 @@ def _str_tuple(value: Any, where: str, name: str) -> Optional[tuple[str, ...]]:
         return None
     items = _sequence(value, where, name)
     if not all(isinstance(x, str) for x in items):
-        raise TaskError(f"{where}: every item of {name!r} must be a string")
+        raise TaskError(f"{where}: every item of {name!r} must be a string", field=name)
     return tuple(items)
 
 
@@ -233,7 +275,8 @@ def _boxes(value: Any, where: str, name: str) -> tuple[Box, ...]:
         nums = _sequence(box, where, f"{name}[{i}]")
         ok = len(nums) == 4 and all(isinstance(v, (int, float, np.number)) and math.isfinite(v) for v in nums)
         if not ok or not (nums[0] <= nums[2] and nums[1] <= nums[3]):
-            raise TaskError(f"{where}: {name}[{i}] must be 4 finite numbers [x1, y1, x2, y2] with x1<=x2, y1<=y2")
+            raise TaskError(f"{where}: {name}[{i}] must be 4 finite numbers [x1, y1, x2, y2] with x1<=x2, y1<=y2",
+                            field=f"{name}[{i}]")
         boxes.append(tuple(float(v) for v in nums))
     return tuple(boxes)
 
@@ -345,12 +388,26 @@ class ParquetTaskSource(IndexedTaskSource):
     warning: rewrite such files with :func:`write_deepeyes_parquet` for fast random access). Iteration
     streams the whole file in small batches. Pickling drops the open file and cache (for
     ``AsyncVectorEnv`` workers), which reopen on first use.
+
+    Rows name an env: ``env_names`` (default: every env registered when the row is read) are the ones
+    accepted. ``on_bad_row="skip"`` passes over rows that cannot become tasks when sampling and
+    iterating, and lists them in :attr:`bad_rows` (see :class:`~deepeyes_envs.tasks.IndexedTaskSource`).
     """
 
-    def __init__(self, path: PathLike, image_root: Optional[PathLike] = None, cache_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        path: PathLike,
+        image_root: Optional[PathLike] = None,
+        cache_bytes: int = 64 << 20,
+        *,
+        on_bad_row: str = "raise",
+        env_names: Optional[Collection[str]] = None,
+    ):
         self.path = os.fspath(path)
         self.image_root = None if image_root is None else os.fspath(image_root)
         self.cache_bytes = cache_bytes
+        self.on_bad_row = check_on_bad_row(on_bad_row)
+        self.env_names = None if env_names is None else frozenset(env_names)
         self._file: Optional[pq.ParquetFile] = None
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         self._warned = False
@@ -382,7 +439,20 @@ class ParquetTaskSource(IndexedTaskSource):
 
     def _get(self, index: int) -> Task:
         rg = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return task_from_deepeyes_row(self._row(rg, index - self._starts[rg]), index, self.image_root)
+        try:
+            row = self._row(rg, index - self._starts[rg])
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(index, rg, exc) from exc
+        return self._task(row, index)
+
+    def _unreadable(self, index: int, rg: int, exc: Exception) -> TaskError:
+        reason = " ".join(str(exc).split())  # pyarrow's messages span lines; a report has one line per row
+        return TaskError(f"row {index}: row group {rg} of the file cannot be read ({reason})", field="row",
+                         index=index, source=self.path)
+
+    def _task(self, row: dict[str, Any], index: int) -> Task:
+        env_names = registered_env_names() if self.env_names is None else self.env_names
+        return task_from_deepeyes_row(row, index, self.image_root, source=self.path, env_names=env_names)
 
     def _row(self, rg: int, offset: int) -> dict[str, Any]:
         table = self._cache.get(rg)
@@ -410,21 +480,126 @@ class ParquetTaskSource(IndexedTaskSource):
             self._cache.popitem(last=False)
         return table.slice(offset, 1).to_pylist()[0]
 
+    def rows(self) -> Iterator[tuple[int, dict[str, Any] | TaskError]]:
+        """Every ``(index, raw row)`` of the file, streamed in small batches.
+
+        A row group that cannot be read (corrupt pages) gives ``(index, TaskError)`` for each of its rows
+        not yet read, and reading goes on with the next row group, so one damaged stretch of a file costs
+        its own rows only.
+        """
+        pf = self._parquet()
+        for rg in range(pf.metadata.num_row_groups):
+            index = self._starts[rg]
+            batches = pf.iter_batches(batch_size=16, row_groups=[rg])
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (OSError, pa.ArrowException) as exc:
+                    for i in range(index, self._starts[rg + 1]):
+                        yield i, self._unreadable(i, rg, exc)
+                    break
+                if batch is None:
+                    break
+                for row in batch.to_pylist():
+                    yield index, row
+                    index += 1
+
     def __iter__(self) -> Iterator[Task]:
-        index = 0
-        for batch in self._parquet().iter_batches(batch_size=16):
-            for row in batch.to_pylist():
-                yield task_from_deepeyes_row(row, index, self.image_root)
-                index += 1
+        for index, row in self.rows():
+            try:
+                if isinstance(row, TaskError):
+                    raise row
+                yield self._task(row, index)
+            except TaskError as exc:
+                if self.on_bad_row != "skip":
+                    raise
+                self._skipped()[index] = BadRow.from_error(exc, index=index, source=self.path)
+
+
+def registered_env_names() -> frozenset[str]:
+    """The env names a row may carry right now: the built-in ones and every registered plugin's."""
+    return frozenset(registered_envs())
 
 
 def load_deepeyes_parquet(
-    path: PathLike | Sequence[PathLike], image_root: Optional[PathLike] = None
+    path: PathLike | Sequence[PathLike],
+    image_root: Optional[PathLike] = None,
+    *,
+    on_bad_row: str = "raise",
+    env_names: Optional[Collection[str]] = None,
 ) -> TaskSource:
-    """Open one DeepEyes parquet file (or several, concatenated in order) as a lazy task source."""
+    """Open one DeepEyes parquet file (or several, concatenated in order) as a lazy task source.
+
+    ``on_bad_row`` and ``env_names`` as in :class:`ParquetTaskSource`; with several files the
+    concatenation skips (and lists) the bad rows of all of them.
+    """
     if isinstance(path, (str, os.PathLike)):
-        return ParquetTaskSource(path, image_root=image_root)
-    return ConcatTaskSource([ParquetTaskSource(p, image_root=image_root) for p in path])
+        return ParquetTaskSource(path, image_root=image_root, on_bad_row=on_bad_row, env_names=env_names)
+    return ConcatTaskSource([ParquetTaskSource(p, image_root=image_root, env_names=env_names) for p in path],
+                            on_bad_row=on_bad_row)
+
+
+# --- finding bad rows ------------------------------------------------------------------------------
+
+
+def check_task_images(task: Task, max_pixels: int = MAX_DECODED_PIXELS) -> None:
+    """Decode each image of ``task``, one at a time, dropping each before the next, as an env would load it.
+
+    Raises ``TaskImageError`` for the first image that is corrupt, truncated, a missing file, larger than
+    ``max_pixels`` (refused from its header, before any pixel is decoded) or of a size the processor refuses.
+    """
+    for i in range(len(task.images)):
+        task.load_image(i, max_pixels)
+
+
+def validate_deepeyes_row(
+    row: Mapping[str, Any],
+    index: int,
+    *,
+    image_root: Optional[PathLike] = None,
+    source: str = "",
+    env_names: Optional[Collection[str]] = None,
+    decode_images: bool = True,
+    max_image_pixels: int = MAX_DECODED_PIXELS,
+) -> Task | BadRow:
+    """One DeepEyes row checked as training would use it: the Task, or a :class:`BadRow` saying why not.
+
+    Checks every field, the ``env_name`` (against ``env_names``, default: the registered envs), that
+    the prompt's ``<image>`` count matches the images, and (``decode_images``) that every image decodes,
+    one at a time, within ``max_image_pixels``.
+    """
+    try:
+        task = task_from_deepeyes_row(row, index, image_root, source=source,
+                                      env_names=registered_env_names() if env_names is None else env_names)
+        if decode_images:
+            check_task_images(task, max_image_pixels)
+    except TaskError as exc:
+        return BadRow.from_error(exc, index=index, source=source)
+    return task
+
+
+def check_deepeyes_parquet(
+    path: PathLike,
+    *,
+    image_root: Optional[PathLike] = None,
+    env_names: Optional[Collection[str]] = None,
+    decode_images: bool = True,
+    max_image_pixels: int = MAX_DECODED_PIXELS,
+) -> Iterator[Task | BadRow]:
+    """:func:`validate_deepeyes_row` over a whole file, streamed: one result per row, in file order.
+
+    Only one batch of compressed rows and one decoded image are held at a time, so a 47k-row file of
+    4K images is checked in bounded memory. The rows of a row group that cannot be read are bad rows
+    (field ``"row"``); a file that cannot be opened, or is not a DeepEyes parquet file, raises TaskError.
+    """
+    source = ParquetTaskSource(path, image_root=image_root)
+    for index, row in source.rows():
+        if isinstance(row, TaskError):
+            yield BadRow.from_error(row)
+            continue
+        yield validate_deepeyes_row(row, index, image_root=source.image_root, source=source.path,
+                                    env_names=env_names, decode_images=decode_images,
+                                    max_image_pixels=max_image_pixels)
 
 
 # --- Hugging Face datasets ---------------------------------------------------------------------
@@ -611,3 +786,52 @@ def _pick_split(data: Any, split: Optional[str]) -> Any:
     if split not in names:
         raise ValueError(f"dataset has no split {split!r} (splits: {names})")
     return data[split]
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    """Report every bad row of every file, then a summary per file; 1 when any row is bad, 2 when a file
+    cannot be read at all."""
+    status = 0
+    for path in args.files:
+        n_rows = n_bad = 0
+        try:
+            for result in check_deepeyes_parquet(path, image_root=args.image_root, decode_images=not args.no_decode,
+                                                 max_image_pixels=args.max_image_pixels):
+                n_rows += 1
+                if isinstance(result, BadRow):
+                    n_bad += 1
+                    reason = result.reason.removeprefix(f"row {result.index}: ")
+                    print(f"{path}: row {result.index} [{result.field or 'row'}]: {reason}")
+        except TaskError as exc:
+            print(f"{path}: cannot check: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        share = 100.0 * n_bad / n_rows if n_rows else 0.0
+        print(f"{path}: {n_rows} rows, {n_bad} bad ({share:.2f}%)")
+        if n_bad and status == 0:
+            status = 1
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepeyes_envs.datasets",
+                                     description="Tools for DeepEyes parquet task files.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="read whole files and report every row training would skip, and why",
+                                description="Read every row as training would (fields, env_name, <image> count, "
+                                "and each image decoded, one at a time) and print each bad row with its index "
+                                "and reason, then a summary. Exit status: 0 clean, 1 bad rows, 2 unreadable file.")
+    check.add_argument("files", nargs="+", help="DeepEyes parquet file(s)")
+    check.add_argument("--image-root", help="directory that relative image paths are resolved against")
+    check.add_argument("--max-image-pixels", type=int, default=MAX_DECODED_PIXELS,
+                       help=f"refuse images with more pixels, as the env does (default {MAX_DECODED_PIXELS})")
+    check.add_argument("--no-decode", action="store_true", help="check the fields only, decode no image")
+    args = parser.parse_args(argv)
+    return _check_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ def play(env_name: str, episodes: int, seed: int) -> tuple[list[dict], list[str]
             _, reward, terminated, truncated, info = env.step(turn)
             if terminated or truncated:
                 break
-        parts, summary = info["reward_parts"], info["episode"]
+        parts, summary = info["reward_parts"], info["episode_summary"]
         rows.append({"episode": episode, "task": task.task_id, "size": reset_info["image_size"],
                      "turns": summary["turns"], "answer": parts["answer"], "acc": parts["acc"],
                      "reward": reward, "iou": summary["mean_iou"], "ms": 1000 * (time.perf_counter() - start)})

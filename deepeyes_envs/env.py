@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import gymnasium as gym
 import numpy as np
 
 from . import prompts
-from .images import MAX_DECODED_PIXELS, MAX_PIXELS, MIN_PIXELS, seen_size, to_rgb_array
+from .images import (
+    MAX_DECODED_PIXELS,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    PATCH_FACTOR,
+    check_pixel_budget,
+    seen_size,
+    to_rgb_array,
+)
 from .judges import Judge
 from .judges import make_judge as _make_judge
 from .messages import (
@@ -56,6 +64,7 @@ class ToolEnv(gym.Env):
         *,
         tools: Sequence[str] = ("image_zoom_in_tool",),
         advertised_tools: Optional[Sequence[str]] = None,
+        tool_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         prompt_style: str = "dynamic",
         coordinate_frame: str = "seen",
         crop_of_crop: bool = False,
@@ -67,6 +76,7 @@ class ToolEnv(gym.Env):
         defer_reward: bool = False,
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
+        image_factor: int = PATCH_FACTOR,
         max_image_pixels: int = MAX_DECODED_PIXELS,
         max_action_chars: int = 200_000,
         render_mode: Optional[str] = None,
@@ -77,11 +87,15 @@ class ToolEnv(gym.Env):
             raise ValueError(f"coordinate_frame must be one of {COORDINATE_FRAMES}, got {coordinate_frame!r}")
         if max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {max_turns}")
+        check_pixel_budget(image_factor, min_pixels, max_pixels)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.tool_names = tuple(tools)
         self.advertised_tools = tuple(self.tool_names if advertised_tools is None else advertised_tools)
-        self._tools = {name: make_tool(name) for name in self.tool_names}
+        # Options apply wherever the env makes the tool (a task may bring its own tool list), so they
+        # are checked here for every named tool, offered or not: a typo fails at construction.
+        self.tool_options = {name: dict(opts) for name, opts in (tool_options or {}).items()}
+        self._tools = {name: self._make_tool(name) for name in (*self.tool_options, *self.tool_names)}
         self.prompt_style = prompt_style
         self.coordinate_frame = coordinate_frame
         self.crop_of_crop = crop_of_crop
@@ -91,7 +105,7 @@ class ToolEnv(gym.Env):
         self.task_source: TaskSource = _resolve_task_source(task_source)
         self.judge: Judge = _make_judge(judge)
         self.defer_reward = defer_reward
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.min_pixels, self.max_pixels, self.image_factor = min_pixels, max_pixels, image_factor
         self.max_image_pixels = max_image_pixels
         self.render_mode = render_mode
         self.observation_space = ConversationSpace()
@@ -116,7 +130,7 @@ class ToolEnv(gym.Env):
         image.flags.writeable = False  # crops are views of it: nobody may change the original's pixels
         self.images.append(image)
         height, width = image.shape[:2]
-        self.seen_sizes.append(seen_size(width, height, self.min_pixels, self.max_pixels))
+        self.seen_sizes.append(seen_size(width, height, self.min_pixels, self.max_pixels, self.image_factor))
         self.offsets.append(offset)
 
     # -- reset ---------------------------------------------------------------------------------
@@ -126,9 +140,9 @@ class ToolEnv(gym.Env):
         self._reset_state(task)
         for tool in self._tools.values():
             tool.reset()
-        images = task.load_images()
+        images = task.load_images(max_pixels=self.max_image_pixels)  # TaskImageError names the task and image
         if not images:
-            raise ValueError(f"task {task.task_id or task.question[:40]!r} has no image")
+            raise task.error(f"task {task.task_id or task.question[:40]!r} has no image", field="images")
         for image in images:
             self._add_image(image, (0.0, 0.0) if not self.images else None)
         prompt = self._prompt_messages(task)
@@ -181,8 +195,11 @@ class ToolEnv(gym.Env):
             return self.tool_names
         unknown = [t for t in task.tools if t not in self._tools]
         for name in unknown:
-            self._tools[name] = make_tool(name)
+            self._tools[name] = self._make_tool(name)
         return tuple(task.tools)
+
+    def _make_tool(self, name: str) -> Tool:
+        return make_tool(name, **self.tool_options.get(name, {}))
 
     def _user_prompt(self, task: Task) -> str:
         if self.prompt_style == "deepeyes_v2":
@@ -356,7 +373,7 @@ class ToolEnv(gym.Env):
         info["end_reason"] = reason
         outcome = EpisodeOutcome(response_text="".join(self._response_chunks), task=self.task,
                                  n_image_observations=self.n_image_observations)
-        info["episode"] = self.episode_summary()
+        info["episode_summary"] = self.episode_summary()
         if self.defer_reward:
             info["outcome"] = outcome
             return {"messages": ()}, 0.0, terminated, truncated, info

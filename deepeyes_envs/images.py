@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-# Qwen2.5-VL defaults (REFERENCE.md section 2).
+# Qwen2.5-VL defaults (REFERENCE.md section 2): patch 14 x merge 2. Qwen3-VL: patch 16 x merge 2 = 32.
 PATCH_FACTOR = 28
 MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 16384 * 28 * 28
@@ -31,6 +31,18 @@ class ImageError(ValueError):
     """An image that cannot be used: corrupt, too large, empty or of an impossible shape."""
 
 
+def check_pixel_budget(factor: int, min_pixels: int, max_pixels: int) -> None:
+    """Refuse a resize budget no processor can meet, before any image is seen.
+
+    Qwen-VL processors do not check their budget; with ``min_pixels < 1`` a small image would be
+    resized to zero rows, and with ``max_pixels < min_pixels`` no size satisfies both bounds.
+    """
+    if factor < 1:
+        raise ValueError(f"factor must be at least 1, got {factor}")
+    if min_pixels < 1 or max_pixels < min_pixels:
+        raise ValueError(f"need 1 <= min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -38,11 +50,19 @@ def smart_resize(
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[int, int]:
-    """The (height, width) a Qwen-VL processor resizes an image to.
+    """The (height, width) a Qwen-VL image processor resizes an image to.
 
-    Both sides become multiples of ``factor`` with the area kept inside [min_pixels, max_pixels]
-    and the aspect ratio kept as close as those constraints allow.
+    It must equal the processor's own arithmetic for every size the processor accepts (see
+    tests/test_image_geometry.py), because the seen frame, the image's token count and the boxes read in
+    that frame all follow from it. ``factor`` is the vision encoder's patch size times its merge size:
+    28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL. Each side is first rounded to the nearest multiple
+    of ``factor`` (Python's round: ties go to the even multiple; a side shorter than half a factor rounds
+    to 0), then, when the area leaves [min_pixels, max_pixels], both sides are scaled by one common
+    factor and rounded down (too large) or up (too small). Only the shrinking branch keeps each side at
+    least ``factor``; the growing branch gets there by itself. Aspect ratios above 200 are refused, as
+    the processor refuses them.
     """
+    check_pixel_budget(factor, min_pixels, max_pixels)
     if height <= 0 or width <= 0:
         raise ImageError(f"image size must be positive, got {width}x{height}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
@@ -50,16 +70,15 @@ def smart_resize(
             f"aspect ratio of a {width}x{height} image exceeds {MAX_ASPECT_RATIO}, "
             "which Qwen-VL processors reject"
         )
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
     if h * w > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / scale / factor) * factor)
-        w = max(factor, math.floor(width / scale / factor) * factor)
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / factor) * factor
-        w = math.ceil(width * scale / factor) * factor
+        shrink = math.sqrt(height * width / max_pixels)
+        return (max(factor, math.floor(height / shrink / factor) * factor),
+                max(factor, math.floor(width / shrink / factor) * factor))
+    if h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        return math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
     return h, w
 
 
@@ -88,9 +107,15 @@ def box_to_seen(
     return box_to_original(box, original_size, seen_size)
 
 
-def seen_size(width: int, height: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def seen_size(
+    width: int,
+    height: int,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    factor: int = PATCH_FACTOR,
+) -> tuple[int, int]:
     """(width, height) of the image a Qwen-VL model sees for an original of this size."""
-    h, w = smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return w, h
 
 

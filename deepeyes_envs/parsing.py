@@ -1,9 +1,13 @@
 """One assistant turn (raw generated text) -> an answer, tool calls, or a parse error.
 
 The DeepEyes order (REFERENCE.md section 2) is kept in both modes: a non-empty ``<answer>`` ends the
-episode before any tool call is looked at; otherwise the ``<tool_call>`` blocks are read. ``strict``
-mode (our default env) also reports unclosed and nested tags, which DeepEyes silently treats as
-"no tool call", and returns every call of the turn instead of only the last.
+episode before any tool call is looked at; otherwise the ``<tool_call>`` blocks are read.
+
+Non-strict mode (visual_toolbox_v2) reads a turn exactly as DeepEyes does, error strings included: the
+last ``<answer>`` and the last ``<tool_call>`` count, each tested for truthiness (so ``<answer> </answer>``
+is an answer and ``<tool_call></tool_call>`` is no call), and a failure reads as the original's text.
+``strict`` mode (our default env) also reports unclosed and nested tags, which DeepEyes silently treats
+as "no tool call", returns every call of the turn instead of only the last, and words its own errors.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ TurnKind = Literal["answer", "tool_calls", "no_tool_call", "invalid"]
 
 @dataclass(frozen=True)
 class ToolCall:
-    name: str
-    arguments: dict[str, Any]
+    """One call. Strict parsing guarantees a str name and dict arguments; non-strict parsing keeps any
+    JSON value, as DeepEyes does, and the tool reads it the way DeepEyes would."""
+
+    name: Any
+    arguments: Any
 
     def to_text(self) -> str:
         """The canonical ``<tool_call>`` block for this call (what a model would have written)."""
@@ -53,27 +60,45 @@ def last_answer(text: str) -> Optional[str]:
 def parse_turn(text: str, *, strict: bool = False) -> ParsedTurn:
     """Parse one assistant turn.
 
-    Non-strict (visual_toolbox_v2): only the last ``<tool_call>`` block is used, as DeepEyes does.
+    Non-strict (visual_toolbox_v2): DeepEyes' reading, only the last ``<tool_call>`` block is used.
     Strict: every block is returned in order, and tag problems become errors the model can read.
     """
     answer = last_answer(text)
-    if answer is not None and answer.strip():
+    if answer is not None and (answer.strip() if strict else answer):
         return ParsedTurn(kind="answer", answer=answer.strip())
     blocks = TOOL_CALL_RE.findall(text)
     if strict:
         tag_error = _tag_error(text, blocks)
         if tag_error:
             return ParsedTurn(kind="invalid", error=tag_error, n_call_tags=len(blocks))
-    if not blocks:
-        return ParsedTurn(kind="no_tool_call")
+    if not blocks or not (strict or blocks[-1]):
+        return ParsedTurn(kind="no_tool_call", n_call_tags=len(blocks))
     chosen = blocks if strict else blocks[-1:]
     calls = []
     for raw in chosen:
-        call = parse_call(raw)
+        call = parse_call(raw) if strict else parse_call_deepeyes(raw)
         if isinstance(call, str):
             return ParsedTurn(kind="invalid", error=call, n_call_tags=len(blocks), raw_calls=tuple(chosen))
         calls.append(call)
     return ParsedTurn(kind="tool_calls", calls=tuple(calls), n_call_tags=len(blocks), raw_calls=tuple(chosen))
+
+
+def parse_call_deepeyes(raw: str) -> ToolCall | str:
+    """One ``<tool_call>`` block read as DeepEyes reads it, or the error text DeepEyes shows the model.
+
+    JSON that does not parse reads ``Invalid tool call format: <stripped block>. Error: <the exception>``;
+    a missing ``name`` or ``arguments``, or a value that is not an object, reads as the lookup's own
+    exception text (``'arguments'``, ``list indices must be integers or slices, not str``).
+    """
+    stripped = raw.strip()
+    try:
+        obj = json.loads(stripped)
+    except (ValueError, RecursionError) as exc:  # bad JSON, integers over 4300 digits, nesting too deep
+        return f"Invalid tool call format: {stripped}. Error: {exc}"
+    try:
+        return ToolCall(name=obj["name"], arguments=obj["arguments"])
+    except (KeyError, TypeError) as exc:
+        return str(exc)
 
 
 def parse_call(raw: str) -> ToolCall | str:

@@ -2,16 +2,23 @@
 
 Neither fits gymnasium's built-in spaces: images have any size, text any length. Both spaces here
 are strict in ``contains`` (so ``check_env`` catches a malformed observation) and sample small
-random values so generic tooling can exercise an env.
+random values so generic tooling can exercise an env. ``ConversationSpace`` registers Gymnasium's
+shared-memory hooks, so ``AsyncVectorEnv`` works with its defaults (see the end of this module).
 """
 
 from __future__ import annotations
 
+import copy
+import multiprocessing
+import pickle
+import queue
 import string
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.vector.utils import create_shared_memory, read_from_shared_memory, write_to_shared_memory
 
 ROLES = ("system", "user", "assistant", "tool")
 _ALPHABET = string.ascii_letters + string.digits + " .,?!<>/{}[]\":\n"
@@ -97,3 +104,78 @@ def _is_part(p: Any) -> bool:
         img = p.get("image")
         return isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     return False
+
+
+# -- AsyncVectorEnv's shared memory ------------------------------------------------------------
+# AsyncVectorEnv (and gym.make_vec(..., vectorization_mode="async")) defaults to shared_memory=True and
+# asks Gymnasium's create/read/write_to_shared_memory hooks for a buffer per observation space. A
+# conversation has no fixed size, so no fixed buffer can hold it; the hooks registered below give each
+# worker a queue instead, and the parent a live view of the latest observation of every env. That costs
+# what shared_memory=False costs (the observation is pickled once and sent once) and makes the defaults
+# work. Observations are pickled in the worker before the step returns, so nothing the env does later
+# can change what the parent reads.
+
+_DELIVERY_TIMEOUT_S = 600.0
+
+
+class _ObservationChannel:
+    """One queue per env, and how many observations each env's worker has written so far."""
+
+    def __init__(self, n: int, ctx: Any):
+        self.queues = [ctx.Queue() for _ in range(n)]
+        self.written = ctx.RawArray("q", n)
+
+
+class ConversationBatch(Sequence):
+    """The observations of a vector env's sub-envs, as AsyncVectorEnv holds them with shared memory.
+
+    Reading env ``i``'s entry collects the observations its worker has written since the last read and
+    keeps the newest, so the view is live, as Gymnasium's shared-memory arrays are: with ``copy=False``
+    an earlier result shows later observations. ``deepcopy`` (what ``copy=True``, the default, does)
+    gives a plain tuple, the same value ``shared_memory=False`` returns.
+    """
+
+    def __init__(self, channel: _ObservationChannel):
+        self._channel = channel
+        self._latest: list[Any] = [None] * len(channel.queues)
+        self._received = [0] * len(channel.queues)
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(len(self))[index])
+        i = range(len(self))[index]  # negative indices, and IndexError past the end
+        while self._received[i] < self._channel.written[i]:
+            try:
+                payload = self._channel.queues[i].get(timeout=_DELIVERY_TIMEOUT_S)
+            except queue.Empty:
+                raise RuntimeError(f"vector env worker {i} wrote an observation that never arrived") from None
+            self._latest[i] = pickle.loads(payload)
+            self._received[i] += 1
+        return self._latest[i]
+
+    def __deepcopy__(self, memo: dict) -> tuple:
+        return tuple(copy.deepcopy(self[i], memo) for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"ConversationBatch({len(self)} envs)"
+
+
+@create_shared_memory.register(ConversationSpace)
+def _create_conversation_memory(space: ConversationSpace, n: int = 1, ctx: Any = multiprocessing) -> Any:
+    return _ObservationChannel(n, ctx)
+
+
+@read_from_shared_memory.register(ConversationSpace)
+def _read_conversation_memory(space: ConversationSpace, shared_memory: Any, n: int = 1) -> ConversationBatch:
+    return ConversationBatch(shared_memory)
+
+
+@write_to_shared_memory.register(ConversationSpace)
+def _write_conversation_memory(space: ConversationSpace, index: int, value: Any, shared_memory: Any) -> None:
+    out = shared_memory.queues[index]
+    out.cancel_join_thread()  # a worker that exits with unread observations must not hang its close()
+    out.put(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    shared_memory.written[index] += 1

@@ -9,13 +9,50 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
-from .images import ImageLike, to_rgb_array
+from .images import MAX_DECODED_PIXELS, ImageError, ImageLike, seen_size, to_rgb_array
 
 Box = tuple[float, float, float, float]
 
 
 class TaskError(ValueError):
-    """A dataset row that cannot become a task; the message names the row and the problem."""
+    """A dataset row that cannot become a task, or a task that cannot be played.
+
+    The message names the row and the problem. ``field`` is the part at fault (``"reward_model"``,
+    ``"images[1]"``), ``index`` the row in its file, ``source`` the file and ``task_id`` the task, where
+    known, so that a trainer can skip the row and log it (:meth:`BadRow.from_error`).
+    """
+
+    def __init__(self, message: str, *, field: Optional[str] = None, index: Optional[int] = None,
+                 source: str = "", task_id: str = ""):
+        super().__init__(message)
+        self.field, self.index, self.source, self.task_id = field, index, source, task_id
+
+
+class TaskImageError(TaskError, ImageError):
+    """A task's image cannot be used: corrupt or truncated bytes, a missing file, too many pixels, a size
+    the processor refuses. Both a ``TaskError`` (a bad row, to skip) and an ``ImageError`` (a bad image)."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be trained on, and why: one line of a trainer's ``skipped_rows.jsonl``."""
+
+    index: Optional[int]
+    reason: str
+    field: Optional[str] = None
+    source: str = ""
+    task_id: str = ""
+
+    @classmethod
+    def from_error(cls, error: TaskError, index: Optional[int] = None, source: str = "") -> BadRow:
+        """The bad row a ``TaskError`` describes; ``index``/``source`` fill in what the error does not know."""
+        return cls(index=error.index if error.index is not None else index, reason=str(error),
+                   field=error.field, source=error.source or source, task_id=error.task_id)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (one line of ``skipped_rows.jsonl``)."""
+        return {"source": self.source, "index": self.index, "field": self.field, "task_id": self.task_id,
+                "reason": self.reason}
 
 
 @dataclass
@@ -41,10 +78,31 @@ class Task:
     tools: Optional[tuple[str, ...]] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def load_images(self) -> list[np.ndarray]:
-        """Decode every image to uint8 HxWx3; errors name the task."""
-        label = self.task_id or self.question[:40]
-        return [to_rgb_array(img, name=f"task {label!r} image {i}") for i, img in enumerate(self.images)]
+    def load_images(self, max_pixels: int = MAX_DECODED_PIXELS) -> list[np.ndarray]:
+        """Decode every image to uint8 HxWx3; a failure raises ``TaskImageError`` naming the task and image."""
+        return [self.load_image(i, max_pixels) for i in range(len(self.images))]
+
+    def load_image(self, index: int, max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+        """Decode image ``index``, refusing one with more than ``max_pixels`` before decoding it.
+
+        An image whose aspect ratio Qwen-VL processors refuse (above 200) is refused here too: every env
+        resizes its images the processor's way, so such an image is as unusable as a corrupt one.
+        """
+        name = f"task {self.task_id or self.question[:40]!r} image {index}"
+        try:
+            image = to_rgb_array(self.images[index], name=name, max_pixels=max_pixels)
+        except ImageError as exc:  # the message names the image already
+            raise self.error(str(exc), field=f"images[{index}]", kind=TaskImageError) from exc
+        try:
+            seen_size(image.shape[1], image.shape[0])
+        except ImageError as exc:
+            raise self.error(f"{name}: {exc}", field=f"images[{index}]", kind=TaskImageError) from exc
+        return image
+
+    def error(self, message: str, field: Optional[str] = None, kind: type[TaskError] = TaskError) -> TaskError:
+        """A ``TaskError`` about this task, carrying its row, file and id (from ``extra``) for a bad-row log."""
+        return kind(message, field=field, index=self.extra.get("row_index"), source=self.extra.get("source", ""),
+                    task_id=self.task_id)
 
 
 # --- multiple-choice text ---------------------------------------------------------------------
@@ -90,12 +148,24 @@ class TaskSource(Protocol):
     def sample(self, rng: np.random.Generator) -> Task: ...
 
 
+ON_BAD_ROW = ("raise", "skip")
+MAX_BAD_DRAWS = 100  # sample() gives up after this many bad rows in a row: the file is mostly bad
+
+
 class IndexedTaskSource:
     """Base class giving ``sample``, ``__iter__`` and index checks to any source with ``_get``.
 
     Subclasses implement ``__len__`` and ``_get(i)`` for ``0 <= i < len(self)``; negative indices
     and range errors are handled here once.
+
+    ``on_bad_row`` says what a row that raises ``TaskError`` does: ``"raise"`` (the default) stops the
+    caller; ``"skip"`` makes :meth:`sample` draw again and iteration pass over it, and records it in
+    :attr:`bad_rows`, so that one corrupt row cannot end a long run and none is lost silently. Indexing
+    (``source[i]``) always raises: the caller asked for that row. Images are decoded later, when a task
+    is played; a failure there raises ``TaskImageError``, for the caller to skip and count.
     """
+
+    on_bad_row: str = "raise"
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -108,14 +178,43 @@ class IndexedTaskSource:
 
     def __iter__(self) -> Iterator[Task]:
         for i in range(len(self)):
-            yield self._get(i)
+            task = self._get_or_skip(i)
+            if task is not None:
+                yield task
 
     def sample(self, rng: np.random.Generator) -> Task:
-        """One task drawn uniformly with ``rng``."""
+        """One task drawn uniformly with ``rng`` (skipping bad rows when ``on_bad_row == "skip"``)."""
         n = len(self)
         if n == 0:
             raise IndexError(f"cannot sample from an empty {type(self).__name__}")
-        return self._get(int(rng.integers(n)))
+        for _ in range(MAX_BAD_DRAWS):
+            task = self._get_or_skip(int(rng.integers(n)))
+            if task is not None:
+                return task
+        raise TaskError(f"{type(self).__name__}: {MAX_BAD_DRAWS} draws in a row were bad rows "
+                        f"({len(self.bad_rows)} bad rows of {n} found so far)")
+
+    @property
+    def bad_rows(self) -> list[BadRow]:
+        """The rows skipped so far, each once, in the order they were found."""
+        return list(self._skipped().values())
+
+    def _skipped(self) -> dict[int, BadRow]:
+        """Skipped rows by index, made on first use (so subclasses need not call a base ``__init__``)."""
+        return self.__dict__.setdefault("_skipped_rows", {})
+
+    def _get_or_skip(self, index: int) -> Optional[Task]:
+        """Row ``index`` as a task, or None when it is bad and bad rows are skipped."""
+        skipping = self.on_bad_row == "skip"
+        if skipping and index in self._skipped():
+            return None
+        try:
+            return self._get(index)
+        except TaskError as exc:
+            if not skipping:
+                raise
+            self._skipped()[index] = BadRow.from_error(exc, index=index)
+            return None
 
     def _check_index(self, index: int) -> int:
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
@@ -125,6 +224,13 @@ class IndexedTaskSource:
         if not 0 <= i < n:
             raise IndexError(f"task index {index} out of range for {n} tasks")
         return i
+
+
+def check_on_bad_row(value: str) -> str:
+    """``value`` when it is a known ``on_bad_row`` policy, else a ValueError listing them."""
+    if value not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {value!r}")
+    return value
 
 
 class ListTaskSource(IndexedTaskSource):
@@ -149,8 +255,9 @@ class ConcatTaskSource(IndexedTaskSource):
     Sampling is uniform over rows (not over sources), as when the files are concatenated.
     """
 
-    def __init__(self, sources: Sequence[TaskSource]):
+    def __init__(self, sources: Sequence[TaskSource], on_bad_row: str = "raise"):
         self.sources = list(sources)
+        self.on_bad_row = check_on_bad_row(on_bad_row)
         self._offsets = [0]
         for src in self.sources:
             self._offsets.append(self._offsets[-1] + len(src))

@@ -1,5 +1,6 @@
-"""The envs honour gymnasium's contract: check_env, vector envs, the registry and plugins."""
+"""The envs honour gymnasium's contract: check_env, vector envs, wrappers, the registry and plugins."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -71,6 +72,72 @@ def test_vector_envs(vector_cls):
         assert rewards.shape == (2,)
     finally:
         envs.close()
+
+
+ANSWER = "<answer>A</answer>"
+
+
+def first_image(observation):
+    return observation["messages"][1]["content"][0]["image"]
+
+
+def test_make_vec_async_works_with_its_defaults():
+    """shared_memory=True is AsyncVectorEnv's default; ConversationSpace registers Gymnasium's hooks."""
+    envs = gym.make_vec("visual_toolbox_v2", num_envs=4, vectorization_mode="async")
+    try:
+        assert isinstance(envs, gym.vector.AsyncVectorEnv) and envs.shared_memory
+        obs, _ = envs.reset(seed=[1, 2, 3, 4])
+        single = gym.make("visual_toolbox_v2")
+        for k, seed in enumerate([1, 2, 3, 4]):
+            np.testing.assert_array_equal(first_image(obs[k]), first_image(single.reset(seed=seed)[0]))
+        turns = (scripted_turns(None), ANSWER, scripted_turns(None), ANSWER)
+        obs, rewards, terminated, truncated, infos = envs.step(turns)
+        assert list(terminated) == [False, True, False, True] and not truncated.any() and rewards.shape == (4,)
+        assert [len(o["messages"]) for o in obs] == [1, 0, 1, 0]
+        assert obs[2]["messages"][0]["content"][1]["image"].shape == (200, 200, 3)
+        assert list(infos["episode_summary"]["turns"][[1, 3]]) == [1, 1]
+        obs, *_ = envs.step((ANSWER, ANSWER, ANSWER, ANSWER))  # envs 1 and 3 reset (next-step autoreset)
+        assert [len(o["messages"]) for o in obs] == [0, 2, 0, 2]
+    finally:
+        envs.close()
+
+
+def test_with_copy_false_the_async_observations_are_a_live_view():
+    envs = gym.make_vec("visual_toolbox_v2", num_envs=2, vectorization_mode="async", vector_kwargs={"copy": False})
+    try:
+        view, _ = envs.reset(seed=[1, 2])
+        assert view[-1]["messages"][0]["role"] == "system" and len(view[0:2]) == 2
+        envs.step((scripted_turns(None), ANSWER))
+        assert [len(o["messages"]) for o in view] == [1, 0]  # the same object shows the new observations
+        assert copy.deepcopy(view)[0]["messages"][0]["role"] == "user"
+    finally:
+        envs.close()
+
+
+def test_record_episode_statistics():
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make("visual_toolbox_v2"))
+    env.reset(seed=0)
+    env.step(scripted_turns(None))
+    _, reward, terminated, _, info = env.step(ANSWER)
+    assert terminated and info["episode"]["l"] == 2 and info["episode"]["r"] == reward
+    assert info["episode_summary"]["turns"] == 2 and list(env.length_queue) == [2]
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.make_vec("visual_toolbox_v2", num_envs=2))
+    envs.reset(seed=[0, 1])
+    _, rewards, *_, infos = envs.step((ANSWER, scripted_turns(None)))
+    assert list(infos["_episode"]) == [True, False] and infos["episode"]["r"][0] == rewards[0]
+
+
+def test_time_limit_through_max_episode_steps():
+    env = gym.make("visual_toolbox_v2", max_episode_steps=2)
+    assert env.spec.max_episode_steps == 2
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step(scripted_turns(None))
+    assert not (terminated or truncated)
+    _, reward, terminated, truncated, _ = env.step(scripted_turns(None))  # the env would go on; the limit ends it
+    assert truncated and not terminated and reward == 0.0
+    env.reset(seed=1)
+    _, _, terminated, truncated, info = env.step(ANSWER)
+    assert terminated and not truncated and info["end_reason"] == "answer"
 
 
 def test_rgb_array_render_draws_zoom_boxes():

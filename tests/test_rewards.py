@@ -127,7 +127,7 @@ def test_env_reports_iou_of_each_zoom_against_ground_truth():
     _, _, _, _, info = env.step('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [150, 100, 250, 200]}}</tool_call>')
     assert info["tool_calls"][0]["iou"] == pytest.approx(1 / 3)
     _, _, _, _, info = env.step("<answer>a</answer>")
-    assert info["episode"]["mean_iou"] == pytest.approx((1 + 1 / 3) / 2)
+    assert info["episode_summary"]["mean_iou"] == pytest.approx((1 + 1 / 3) / 2)
 
 
 def test_deferred_reward_is_scored_later_in_a_batch():

@@ -57,7 +57,7 @@ def test_wrong_types_and_bad_combinations_are_errors():
         load_config(None, ["model.build_tiny=true", "algorithm.advantage=ppo2"])
     with pytest.raises(ConfigError, match="data.kind: .*must be one of"):
         load_config(None, ["model.build_tiny=true", "data.kind=toys"])
-    with pytest.raises(ConfigError, match="the processor's budget"):
+    with pytest.raises(ConfigError, match="the processor's geometry"):
         load_config(None, ["model.build_tiny=true", "env.kwargs={max_pixels: 3136}"])
     with pytest.raises(ConfigError, match="group baseline"):
         load_config(None, ["model.build_tiny=true", "rollout.rollouts_per_prompt=1"])

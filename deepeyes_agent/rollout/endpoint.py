@@ -211,7 +211,7 @@ async def _play_one(task: Task, group: int, k: int, policy: EndpointPolicy, samp
             conversation.extend(obs["messages"])
             if terminated or truncated:
                 traj.end_reason, traj.terminated, traj.truncated = info.get("end_reason", ""), terminated, truncated
-                traj.info["episode"] = info.get("episode", {})
+                traj.info["episode_summary"] = info.get("episode_summary", {})
                 outcome = info.get("outcome")
                 break
         traj.images = message_images(conversation)

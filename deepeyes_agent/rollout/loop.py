@@ -88,13 +88,16 @@ def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per
 
 
 def env_kwargs_for(vision: VisionTokenizer, env_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``env_kwargs`` plus the processor's pixel budget: the env must read boxes in the frame the model saw.
+    """``env_kwargs`` plus the processor's image geometry (pixel budget and resize factor): the env must read
+    boxes in the frame the model saw.
 
-    A budget given in ``env_kwargs`` that differs from the processor's would give the env another seen frame
+    A geometry given in ``env_kwargs`` that differs from the processor's would give the env another seen frame
     than the model's, so it is an error rather than silently overridden.
     """
     kwargs = dict(env_kwargs or {})
-    for key, value in (("min_pixels", vision.min_pixels), ("max_pixels", vision.max_pixels)):
+    geometry = (("min_pixels", vision.min_pixels), ("max_pixels", vision.max_pixels),
+                ("image_factor", vision.patch_size * vision.merge_size))
+    for key, value in geometry:
         if kwargs.setdefault(key, value) != value:
             raise ValueError(f"env {key}={kwargs[key]} differs from the processor's {value}: set the budget on the "
                              f"processor (load_processor(..., {key}=...)) and the envs follow it")
@@ -210,7 +213,7 @@ def _finish(episode: _Episode, end_reason: str, terminated: bool, truncated: boo
     trajectory = episode.trajectory
     episode.done = True
     trajectory.end_reason, trajectory.terminated, trajectory.truncated = end_reason, terminated, truncated
-    trajectory.info["episode"] = info.get("episode", {})
+    trajectory.info["episode_summary"] = info.get("episode_summary", {})
     episode.outcome = info.get("outcome")
     if episode.outcome is None:  # the env scored itself (made without defer_reward)
         trajectory.reward = float(reward)

@@ -71,8 +71,8 @@ class DataConfig(Section):
 
 class EnvConfig(Section):
     env_id: str = setting("", "Env to play every task in ('' : the env each task's env_name routes to).")
-    kwargs: dict = setting({}, "Keyword arguments for the env, e.g. {max_turns: 5}. The pixel budget is the "
-                               "processor's (model.min_pixels / max_pixels), never set here.")
+    kwargs: dict = setting({}, "Keyword arguments for the env, e.g. {max_turns: 5}. The image geometry (pixel budget, "
+                               "resize factor) is the processor's (model.min_pixels / max_pixels), never set here.")
 
 
 class RolloutConfig(Section):
@@ -209,10 +209,10 @@ class TrainConfig(Section):
         if batch % parts:
             problems.append(f"the batch of {batch} trajectories does not split into {algo.minibatches} minibatch(es) "
                             f"x {max(1, self.resources.num_learners)} learner(s)")
-        budget = {"min_pixels", "max_pixels"} & set(self.env.kwargs)
-        if budget:
-            problems.append(f"env.kwargs sets {sorted(budget)}: the envs read images in the processor's budget, set "
-                            "model.min_pixels / model.max_pixels instead")
+        geometry = {"min_pixels", "max_pixels", "image_factor"} & set(self.env.kwargs)
+        if geometry:
+            problems.append(f"env.kwargs sets {sorted(geometry)}: the envs read images in the processor's geometry "
+                            "(set model.min_pixels / model.max_pixels instead)")
         if self.data.agentic_fraction is not None and self.data.source == "synthetic":
             problems.append("data.agentic_fraction mixes the agentic and plain rows of a file; the synthetic source "
                             "has one kind")

@@ -9,6 +9,7 @@ lists the tools it offers in envs_registry.yaml, in ``gym.make(..., tools=[...])
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -38,13 +39,15 @@ class ToolContext:
     returned. ``seen_sizes[i]`` is the (width, height) of ``images[i]`` as the model saw it after the
     processor's resize, so tools can read coordinates in that frame when ``coordinate_frame`` is
     ``"seen"``. ``allow_image_index`` says whether a call may pick an image other than the original.
+    ``strict`` checks arguments with our messages; ``strict=False`` reads them as DeepEyes does (the
+    visual_toolbox_v2 env).
     """
 
     images: list[np.ndarray]
     seen_sizes: list[tuple[int, int]]
     coordinate_frame: str = "original"
     allow_image_index: bool = False
-    strict: bool = False
+    strict: bool = True
     task: Optional[Task] = None
 
 
@@ -67,9 +70,17 @@ class Tool:
         return {"type": "function", "function": {"name": cls.name, "description": cls.description,
                                                  "parameters": cls.parameters}}
 
-    def __call__(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
-        """Validate arguments against :attr:`parameters`, then execute."""
-        check_arguments(self.name, self.parameters, arguments, strict=context.strict)
+    def __call__(self, arguments: Any, context: ToolContext) -> ToolResult:
+        """Validate arguments against :attr:`parameters`, then execute.
+
+        Strict envs check everything with our messages. Non-strict envs read the arguments as DeepEyes
+        does (:func:`read_arguments_deepeyes`), so visual_toolbox_v2 accepts and refuses what the
+        original accepts and refuses.
+        """
+        if context.strict:
+            check_arguments(self.name, self.parameters, arguments, strict=True)
+        else:
+            arguments = read_arguments_deepeyes(self.name, self.parameters, arguments)
         return self.execute(arguments, context)
 
 
@@ -92,11 +103,17 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def make_tool(name: str) -> Tool:
+def make_tool(name: str, **options: Any) -> Tool:
+    """A new instance of the tool registered as ``name``; ``options`` go to its constructor (an env's
+    ``tool_options``, e.g. how image_rotate_tool rotates)."""
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"no tool named {name!r}; registered tools: {sorted(_REGISTRY)}") from None
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ValueError(f"tool {name!r} does not accept the options {sorted(options)}: {exc}") from None
 
 
 def registered_tools() -> list[str]:
@@ -121,15 +138,43 @@ def check_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any]
             _check_value(f"{tool} argument {key!r}", props[key], value)
 
 
-def _check_value(where: str, schema: dict[str, Any], value: Any) -> None:
+def read_arguments_deepeyes(tool: str, schema: dict[str, Any], arguments: Any) -> dict[str, Any]:
+    """The arguments as DeepEyes reads them, for visual_toolbox_v2.
+
+    Each required key is looked up with ``arguments[key]``, as the original does, so a missing key or
+    arguments that are not an object fail with Python's own text (``'bbox_2d'``, ``list indices must be
+    integers or slices, not str``). Values the original computes with pass as they are: booleans are
+    numbers, NaN and infinities are numbers. Values it would crash on (a string for a number, three
+    coordinates) get our message, since the original's text there names its internals. Optional
+    arguments are never read by the original, so a malformed one is dropped, not an error.
+    """
+    props = schema.get("properties", {})
+    out: dict[str, Any] = {}
+    for key in schema.get("required", []):
+        try:
+            out[key] = arguments[key]
+        except (KeyError, TypeError) as exc:
+            raise ToolError(str(exc)) from None
+        if key in props:
+            _check_value(f"{tool} argument {key!r}", props[key], out[key], deepeyes=True)
+    if not isinstance(arguments, dict):
+        raise ToolError(f'"arguments" of {tool} must be a JSON object, got {json_type(arguments)}')
+    for key, value in arguments.items():
+        if key in out:
+            continue
+        try:
+            if key in props:
+                _check_value(f"{tool} argument {key!r}", props[key], value, deepeyes=True)
+        except ToolError:
+            continue
+        out[key] = value
+    return out
+
+
+def _check_value(where: str, schema: dict[str, Any], value: Any, *, deepeyes: bool = False) -> None:
     kind = schema.get("type")
     if kind in ("number", "integer"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ToolError(f"{where} must be a number, got {json_type(value)}")
-        if not math.isfinite(value):
-            raise ToolError(f"{where} must be finite, got {value}")
-        if kind == "integer" and not float(value).is_integer():
-            raise ToolError(f"{where} must be an integer, got {value}")
+        _check_number(where, kind, value, deepeyes)
     elif kind == "string" and not isinstance(value, str):
         raise ToolError(f"{where} must be a string, got {json_type(value)}")
     elif kind == "boolean" and not isinstance(value, bool):
@@ -142,7 +187,22 @@ def _check_value(where: str, schema: dict[str, Any], value: Any) -> None:
             want = f"exactly {lo}" if lo == hi else f"between {lo} and {hi}"
             raise ToolError(f"{where} must have {want} items, got {len(value)}")
         for i, item in enumerate(value):
-            _check_value(f"{where}[{i}]", schema.get("items", {}), item)
+            _check_value(f"{where}[{i}]", schema.get("items", {}), item, deepeyes=deepeyes)
+
+
+def _check_number(where: str, kind: str, value: Any, deepeyes: bool) -> None:
+    """Ours: a finite JSON number, not a boolean. DeepEyes' reading: any Python number, since the
+    original computes with booleans and non-finite values without failing."""
+    if not isinstance(value, (int, float)) or (isinstance(value, bool) and not deepeyes):
+        raise ToolError(f"{where} must be a number, got {json_type(value)}")
+    if deepeyes and kind == "number":
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError(f"{where} must be finite, got {value}")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no size limit
+        raise ToolError(f"{where} must be finite, got an integer of {len(str(abs(value)))} digits")
+    if kind == "integer" and not float(value).is_integer():
+        raise ToolError(f"{where} must be an integer, got {value}")
 
 
 def json_type(value: Any) -> str:

@@ -44,20 +44,23 @@ class ZoomInTool(Tool):
         index = self._image_index(arguments, context)
         image = context.images[index]
         height, width = image.shape[:2]
-        given = tuple(float(v) for v in arguments["bbox_2d"])
+        given = list(arguments["bbox_2d"])
         box = given
         if context.coordinate_frame == "seen":
-            box = box_to_original(given, context.seen_sizes[index], (width, height))
-        x1, y1, x2, y2 = max(0.0, box[0]), max(0.0, box[1]), min(float(width), box[2]), min(float(height), box[3])
+            box = box_to_original(tuple(float(v) for v in given), context.seen_sizes[index], (width, height))
+        # DeepEyes' clamp, operands in its order: max(0, NaN) is 0 and min(width, NaN) is width, so a
+        # NaN coordinate (which JSON parsing lets through in visual_toolbox_v2) becomes the image's edge.
+        x1, y1, x2, y2 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
         reason = _invalid_reason(x1, y1, x2, y2)
         if reason:
             detail = f": {given} clamped to the {width}x{height} image is {reason}" if context.strict else ""
             raise ToolError(INVALID_ZOOM + detail)
-        left, top, right, bottom = (round(v) for v in (x1, y1, x2, y2))
+        x1, y1, x2, y2 = (float(v) for v in (x1, y1, x2, y2))
+        left, top, right, bottom = (round(v) for v in (x1, y1, x2, y2))  # as PIL's crop rounds a box
         crop = image[top:bottom, left:right]
         return ToolResult(
             images=(crop,),
-            info={"image_index": index, "bbox_given": list(given), "bbox_image": [x1, y1, x2, y2],
+            info={"image_index": index, "bbox_given": given, "bbox_image": [x1, y1, x2, y2],
                   "crop_pixels": [left, top, right, bottom]},
         )
 
@@ -75,11 +78,16 @@ class ZoomInTool(Tool):
 def _invalid_reason(x1: float, y1: float, x2: float, y2: float) -> str:
     """Why DeepEyes would reject this clamped box, or '' when it is acceptable."""
     if not (x1 < x2 and y1 < y2):
-        return f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}], which is empty (it lies off the image or is inverted)"
+        corners = ", ".join(_number(v) for v in (x1, y1, x2, y2))
+        return f"[{corners}], which is empty (it lies off the image or is inverted)"
     w, h = x2 - x1, y2 - y1
     if max(w, h) / min(w, h) > MAX_ASPECT:
-        return f"{w:g}x{h:g} pixels, thinner than the allowed aspect ratio of {MAX_ASPECT}"
+        return f"{_number(w)}x{_number(h)} pixels, thinner than the allowed aspect ratio of {MAX_ASPECT}"
     if min(w, h) <= MIN_SIDE:
-        return f"{w:g}x{h:g} pixels; both sides must exceed {MIN_SIDE} pixels"
+        return f"{_number(w)}x{_number(h)} pixels; both sides must exceed {MIN_SIDE} pixels"
     return ""
 
+
+def _number(value: float) -> str:
+    """A coordinate for a message; ints print exactly (a JSON integer may be too large for a float)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
