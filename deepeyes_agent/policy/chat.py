@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_envs.messages import (
     END_OF_TEXT,
     IM_END,
@@ -81,7 +82,7 @@ class VisionTokenizer:
     instance can serve every episode that uses the same processor.
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: QwenVLImageProcessor) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -197,7 +198,7 @@ class EpisodeContext:
     was dropped: the episode must end as truncated (:attr:`truncated` is set).
     """
 
-    def __init__(self, processor: Any, messages: Sequence[Message], *,
+    def __init__(self, processor: QwenVLImageProcessor, messages: Sequence[Message], *,
                  max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
                  max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
                  vision: VisionTokenizer | None = None) -> None:

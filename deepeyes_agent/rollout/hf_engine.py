@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer
+from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.policy.logprobs import sampling_logprobs
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 
@@ -50,7 +51,8 @@ class HFEngine(Engine):
     :meth:`release` is called for the finished contexts (or they are garbage collected).
     """
 
-    def __init__(self, model: PreTrainedModel, processor: Any, *, reuse_kv_cache: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, processor: QwenVLImageProcessor, *,
+                 reuse_kv_cache: bool = False) -> None:
         self.model = model
         self.processor = processor
         self.vision = VisionTokenizer(processor)

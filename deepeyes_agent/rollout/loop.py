@@ -34,6 +34,7 @@ from deepeyes_agent.policy.chat import (
     PromptTooLongError,
     VisionTokenizer,
 )
+from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
 from deepeyes_envs.judges import JudgeSpec, make_judge
@@ -56,7 +57,7 @@ class _Episode:
     done: bool = False
 
 
-def run_episodes(tasks: Sequence[Task], engine: Engine, processor: Any, *, n_per_task: int = 1,
+def run_episodes(tasks: Sequence[Task], engine: Engine, processor: QwenVLImageProcessor, *, n_per_task: int = 1,
                  sampling: SamplingParams = DEFAULT_SAMPLING, env_id: str | None = None,
                  env_kwargs: Mapping[str, Any] | None = None, judge: JudgeSpec = "rule",
                  max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,

@@ -40,6 +40,7 @@ from deepeyes_envs.tasks import Task
 
 if TYPE_CHECKING:
     from deepeyes_agent.policy.chat import EpisodeContext
+    from deepeyes_agent.policy.loading import QwenVLImageProcessor
 
 FORMAT_VERSION = 1
 JSONL_NAME = "trajectories.jsonl"
@@ -173,7 +174,7 @@ class Trajectory:
                 "end_reason": self.end_reason, "truncated": self.truncated}
 
     # ------------------------------------------------------------------ training view
-    def rebuild_context(self, processor: Any, max_total_tokens: int | None = None) -> EpisodeContext:
+    def rebuild_context(self, processor: QwenVLImageProcessor, max_total_tokens: int | None = None) -> EpisodeContext:
         """Rebuild the token context from the saved prompt and turns (e.g. after :func:`load_trajectories`).
 
         Goes through the same ``EpisodeContext`` rules as the rollout, then checks that the token ids come

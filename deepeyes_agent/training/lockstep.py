@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from deepeyes_agent.policy.chat import EpisodeContext
+from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.training.batch import PackedEpisode, micro_batches
 from deepeyes_envs.messages import image_part, message
 
 FILLER_TASK_ID = "<vision filler>"
 
 
-def vision_filler(processor: Any) -> PackedEpisode:
+def vision_filler(processor: QwenVLImageProcessor) -> PackedEpisode:
     """A prompt-only episode with one small grey image: no token of it is trained on."""
     image = np.full((28, 28, 3), 128, dtype=np.uint8)
     ctx = EpisodeContext(processor, [message("user", image_part(image), "")], max_prompt_tokens=None)

@@ -129,6 +129,7 @@ class DeepEyesAlgorithm(Algorithm):
         self.sft_done = run.sft.steps == 0
         self.last_metrics: dict[str, Any] = {}
         self.last_samples: list[Any] = []
+        self.restored_env_runners = 0  # env runners brought back after a failure, over the run
         self.sync_policy_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
@@ -150,7 +151,7 @@ class DeepEyesAlgorithm(Algorithm):
         """Bring restarted env runners back and give them the current weights (RLlib restarts the actors)."""
         restored = env_runner_group.probe_unhealthy_env_runners()
         if restored:
-            self._counters["total_num_restored_workers"] += len(restored)
+            self.restored_env_runners += len(restored)
             self.stage_learner_state()
             env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
                                           to_worker_indices=restored)
@@ -182,9 +183,8 @@ class DeepEyesAlgorithm(Algorithm):
             timeout_seconds=self.config.deepeyes.resources.sample_timeout_s)
 
     def _learner_call(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[Any]:
-        """Call ``method(shard, **kwargs)`` on every learner, learner r getting ``shards[r]``."""
-        if self.learner_group.is_local:
-            return [getattr(self.learner_group._learner, method)(shards[0], **kwargs)]
+        """Call ``method(shard, **kwargs)`` on every learner, learner r getting ``shards[r]`` (the local learner,
+        in the driver, is rank 0)."""
         refs = [ray.put(s) for s in shards]
 
         def call(learner: Any, refs: list, kwargs: dict) -> Any:
@@ -277,6 +277,7 @@ class DeepEyesAlgorithm(Algorithm):
             "rollout_tokens_per_s": sum(r.timings.get("generated_tokens", 0.0) for r in results)
             / max(timings["rollout_s"], 1e-9),
             "env_runners": float(len(results)),
+            "env_runner_restarts": float(self.restored_env_runners),
             **{f"time/{k}": v for k, v in timings.items()},
             **mix,
         }

@@ -80,7 +80,7 @@ class LLMLearner(TorchLearner):
         rl_module = self.module[DEFAULT_MODULE_ID]
         for p in rl_module.parameters():
             dist.broadcast(p.data, src=0)
-        self._mesh = init_device_mesh(self._device.type, (self.world_size,))
+        self._mesh = init_device_mesh(self.device.type, (self.world_size,))
         self._fsdp_roots = _shard_qwen_vl(self.model, self._mesh)
         if rl_module.value_head is not None:
             self._fsdp_roots.append(fully_shard(rl_module.value_head, mesh=self._mesh, reshard_after_forward=True))
@@ -148,7 +148,7 @@ class LLMLearner(TorchLearner):
             processor = load_processor(run.model.path, min_pixels=run.model.min_pixels,
                                        max_pixels=run.model.max_pixels)
             self._filler = vision_filler(processor)
-        return lockstep_micro_batches(episodes, run.algorithm.micro_batch_size, self._filler, self._device)
+        return lockstep_micro_batches(episodes, run.algorithm.micro_batch_size, self._filler, self.device)
 
     @property
     def loss_settings(self) -> LossSettings:
@@ -222,7 +222,7 @@ class LLMLearner(TorchLearner):
                 chunks = self._micro_batches(episodes)
                 for i, chunk in enumerate(chunks):
                     self._gradient_sync(i == len(chunks) - 1)  # FSDP2: one reduce-scatter per step
-                    batch = collate_episodes(chunk, device=self._device)
+                    batch = collate_episodes(chunk, device=self.device)
                     batch["normalizer"] = normalizer
                     fwd_out = self.module[DEFAULT_MODULE_ID].forward_train(batch)
                     loss = self.compute_loss_for_module(module_id=DEFAULT_MODULE_ID, config=self.config,
@@ -252,7 +252,7 @@ class LLMLearner(TorchLearner):
         module = self.module[DEFAULT_MODULE_ID]
         out: list[list[float]] = []
         for chunk in self._micro_batches(episodes):
-            values = module.compute_values(collate_episodes(chunk, device=self._device)).cpu()
+            values = module.compute_values(collate_episodes(chunk, device=self.device)).cpu()
             out.extend(values[b, :len(ep)].tolist() for b, ep in enumerate(chunk) if not is_filler(ep))
         return out
 
@@ -268,7 +268,7 @@ class LLMLearner(TorchLearner):
         chunks = self._micro_batches(episodes)
         for i, chunk in enumerate(chunks):
             self._gradient_sync(i == len(chunks) - 1)
-            batch = collate_episodes(chunk, device=self._device)
+            batch = collate_episodes(chunk, device=self.device)
             loss, metrics = sft_loss(self.model, batch, self.suppress_token_ids, normalizer)
             loss.backward()
             for k, v in metrics.items():
@@ -298,7 +298,8 @@ class LLMLearner(TorchLearner):
         full = {k: _full(v.detach()).to("cpu", copy=True) for k, v in rl_module.full_module_state().items()}
         optim = None
         if with_optimizer:
-            optim = {name: _full_optimizer_state(opt.state_dict()) for name, opt in self._named_optimizers.items()}
+            optim = {name: _full_optimizer_state(opt.state_dict())
+                     for name, opt in self.get_optimizers_for_module(DEFAULT_MODULE_ID)}
         rl_module.staged_state = full if self.rank == 0 else None
         self._staged_optimizer_state = optim if self.rank == 0 else None
 
@@ -314,7 +315,7 @@ class LLMLearner(TorchLearner):
         if getattr(self, "_staged_optimizer_state", None) is None:
             raise RuntimeError("FSDP2: call stage_full_state(with_optimizer=True) on every learner before reading "
                                "the optimizer state")
-        return {name: {"module_id": self._optimizer_name_to_module[name], "state": convert_to_numpy(state)}
+        return {name: {"module_id": DEFAULT_MODULE_ID, "state": convert_to_numpy(state)}
                 for name, state in self._staged_optimizer_state.items()}
 
     def _set_optimizer_state(self, state: dict[str, Any]) -> None:
@@ -322,7 +323,7 @@ class LLMLearner(TorchLearner):
         if not self.sharded:
             return
         self._staged_optimizer_state = None
-        for optimizer in self._named_optimizers.values():  # full tensors -> my shards, like the parameters
+        for _, optimizer in self.get_optimizers_for_module(DEFAULT_MODULE_ID):  # full tensors -> my shards
             for p, p_state in optimizer.state.items():
                 for k, v in list(p_state.items()):
                     if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim():
