@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| ratio | | **{result['speedup']:.1f}x** | | target >= 30x |")
     print(f"client CPU per request: {result['cpu_ms_per_request']:.2f} ms (target < 2 ms); "
           f"judge latency mean {stats['latency_mean_s'] * 1000:.0f} ms")
+    print(f"RESULT judge_throughput: {result['speedup']:.1f}x (target >= 30x)")
     return result
 
 

@@ -186,6 +186,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
               "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if args.device == "cuda" else None}
     print(json.dumps(result) if args.json else format_table(result))
+    if not args.json:  # the model's FLOP rate as a share of a plain matmul's on the same device, same run
+        print(f"RESULT learner_mfu: {result['vs_matmul']:.2f}x (target >= 0.5x)")
 
 
 if __name__ == "__main__":

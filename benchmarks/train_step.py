@@ -72,6 +72,8 @@ def main() -> None:
         print(f"{key.removeprefix('time/'):<22}{summary[key]:>10.3f}{summary[key] / summary['wall_s']:>10.2f}")
     print(f"{'learner tokens/s':<22}{summary['learner_tokens_per_s']:>10.0f}")
     print(f"{'rollout tokens/s':<22}{summary['rollout_tokens_per_s']:>10.0f}")
+    accounted = sum(summary[k] for k in ("time/rollout_s", "time/update_s", "time/weight_sync_s")) / summary["wall_s"]
+    print(f"RESULT train_step: {accounted:.2f}x (target >= 0.9x)")  # the iteration's time spent in its phases
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def task_from_deepeyes_row(
     source: str = "",
     env_names: Optional[Collection[str]] = None,
 ) -> Task:
-    """Turn one DeepEyes parquet row (REFERENCE.md section 4) into a Task.
+    """Turn one DeepEyes parquet row (docs/deepeyes.md, "Data") into a Task.
 
     The prompt is kept verbatim (a DeepEyes checkpoint was trained on it); the question comes from
     ``extra_info.question`` or, failing that, from the user text with ``<image>`` and the instruction

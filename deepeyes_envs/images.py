@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-# Qwen2.5-VL defaults (REFERENCE.md section 2): patch 14 x merge 2. Qwen3-VL: patch 16 x merge 2 = 32.
+# Qwen2.5-VL defaults (docs/deepeyes.md, "The v2 env"): patch 14 x merge 2. Qwen3-VL: patch 16 x merge 2 = 32.
 PATCH_FACTOR = 28
 MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 16384 * 28 * 28

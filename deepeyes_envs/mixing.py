@@ -1,7 +1,7 @@
 """Hybrid batches: agentic rows (``env_name`` set) and plain rows (``env_name`` empty) at a fixed ratio.
 
 DeepEyes trains on one stream in which tool rows (V*, charts) and one-turn rows (math) are mixed and told
-apart only by ``env_name`` (REFERENCE.md section 4); the ratio then drifts with whatever the files
+apart only by ``env_name`` (docs/deepeyes.md, "Data"); the ratio then drifts with whatever the files
 hold. :class:`MixedTaskSource` makes the ratio a setting: every :meth:`~MixedTaskSource.batch` holds
 ``agentic_fraction * size`` agentic tasks (exactly when that is a whole number), each task still routed
 to its own env through :func:`deepeyes_envs.registry.env_id_for`.

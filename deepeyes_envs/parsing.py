@@ -1,6 +1,6 @@
 """One assistant turn (raw generated text) -> an answer, tool calls, or a parse error.
 
-The DeepEyes order (REFERENCE.md section 2) is kept in both modes: a non-empty ``<answer>`` ends the
+The DeepEyes order (docs/deepeyes.md, "The v2 env") is kept in both modes: a non-empty ``<answer>`` ends the
 episode before any tool call is looked at; otherwise the ``<tool_call>`` blocks are read.
 
 Non-strict mode (visual_toolbox_v2) reads a turn exactly as DeepEyes does, error strings included: the

@@ -1,4 +1,4 @@
-"""The DeepEyes outcome reward (REFERENCE.md section 3) and grounding IoU.
+"""The DeepEyes outcome reward (docs/deepeyes.md, "The reward") and grounding IoU.
 
 The reward reads the whole response as the model's context holds it: every assistant turn and every
 observation, rendered as Qwen chat text. Judging is separated from scoring so that a trainer can

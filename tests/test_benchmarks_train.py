@@ -4,6 +4,7 @@ and report sane numbers."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,18 +31,24 @@ def test_learner_mfu_wiring_on_the_cpu() -> None:
     assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 2.0)
     table = _run("learner_mfu.py", *args)
     assert table.returncode == 0 and "model / matmul" in table.stdout and "MFU (vs spec)" in table.stdout
+    assert re.fullmatch(r"RESULT learner_mfu: [\d.]+x \(target >= 0.5x\)", table.stdout.strip().splitlines()[-1])
     too_short = _run("learner_mfu.py", "--tiny", "--device", "cpu", "--seq-len", "64")
     assert too_short.returncode != 0 and "cannot hold" in too_short.stderr
 
 
 def test_train_step_phases(tiny_model_dir) -> None:
-    done = _run("train_step.py", "--iterations", "2", "--warmup", "1", "--json", "rollout.prompts_per_iteration=2",
+    done = _run("train_step.py", "--iterations", "2", "--warmup", "1", "rollout.prompts_per_iteration=2",
                 "rollout.rollouts_per_prompt=2", "model.build_tiny=false", f"model.path={tiny_model_dir}")
     assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(done.stdout.strip().splitlines()[-1])
-    assert r["trajectories"] == 4 and r["learner_tokens_per_s"] > 0
-    assert 0 < r["time/generate_s"] <= r["time/rollout_s"] <= r["wall_s"]
-    assert r["time/update_s"] > 0 and r["time/weight_sync_s"] >= 0
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("tiny_cpu, 4 trajectories")
+    phases = {row[0]: (float(row[1]), float(row[2])) for row in (line.split() for line in lines[2:8])}
+    assert set(phases) == {"rollout_s", "generate_s", "judge_s", "update_s", "weight_sync_s", "wall_s"}
+    assert 0 < phases["generate_s"][0] <= phases["rollout_s"][0] <= phases["wall_s"][0]
+    assert phases["wall_s"][1] == 1.0 and phases["update_s"][0] > 0
+    result = re.fullmatch(r"RESULT train_step: ([\d.]+)x \(target >= 0.9x\)", lines[-1])
+    shares = sum(phases[k][1] for k in ("rollout_s", "update_s", "weight_sync_s"))
+    assert result and float(result.group(1)) == pytest.approx(shares, abs=0.02)
 
 
 def test_zoom_probe_prints_both_views(tiny_model_dir) -> None:

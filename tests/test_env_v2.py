@@ -1,4 +1,4 @@
-"""visual_toolbox_v2 must reproduce DeepEyes exactly (REFERENCE.md section 2)."""
+"""visual_toolbox_v2 must reproduce DeepEyes exactly (docs/deepeyes.md, "The v2 env")."""
 
 import json
 
@@ -211,7 +211,7 @@ def test_any_other_name_is_an_unknown_tool(env, image, name):
 
 
 def deepeyes_crop(image, box):
-    """REFERENCE.md section 2, step 4, computed with Python and PIL as the original computes it."""
+    """docs/deepeyes.md, "The v2 env", step 4, computed with Python and PIL as the original computes it."""
     height, width = image.shape[:2]
     x1, y1, x2, y2 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
     if not (x1 < x2 and y1 < y2):

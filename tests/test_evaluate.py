@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from fault_server import FaultServer
 from PIL import Image
 
 from deepeyes_agent.offline.benchmark_files import load_benchmark, load_hrbench, load_vstar, shuffle_options
@@ -22,9 +22,6 @@ from deepeyes_agent.rollout.trajectory import load_trajectories
 from deepeyes_envs.judges import JudgeRequest
 from deepeyes_envs.rewards import grounding_iou
 from deepeyes_envs.scripted import padded_box
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fault_server import FaultServer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 import deepeyes_envs  # noqa: F401  (registers the envs)
 from deepeyes_envs.images import MAX_PIXELS, MIN_PIXELS, ImageError, seen_size, smart_resize
 
-DEEPEYES_BUDGET = (MIN_PIXELS, MAX_PIXELS)  # 4*28*28 .. 16384*28*28 (REFERENCE.md section 2)
+DEEPEYES_BUDGET = (MIN_PIXELS, MAX_PIXELS)  # 4*28*28 .. 16384*28*28 (docs/deepeyes.md, "The v2 env")
 TINY_BUDGET = (4 * 28 * 28, 64 * 28 * 28)  # the tiny CPU model (deepeyes_agent.models)
 TINY_ZOOM_BUDGET = (3136, 3136)  # configs/tiny_zoom_cpu.yaml
 QWEN3_BUDGET = (65536, 16777216)  # Qwen3-VL's published preprocessor budget

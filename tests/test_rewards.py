@@ -1,4 +1,4 @@
-"""The DeepEyes outcome reward (REFERENCE.md section 3) and grounding IoU."""
+"""The DeepEyes outcome reward (docs/deepeyes.md, "The reward") and grounding IoU."""
 
 import gymnasium as gym
 import pytest

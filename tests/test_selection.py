@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fault_server import FaultServer
 
 from deepeyes_agent.offline.chunk_log import ChunkLog, SettingsMismatchError
 from deepeyes_agent.offline.selection import SelectionConfig, SelectionRules, main, run_selection
 from deepeyes_agent.rollout.runners import EndpointRunner
 from deepeyes_envs.datasets import write_deepeyes_parquet
 from deepeyes_envs.synthetic import SyntheticTaskSource
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fault_server import FaultServer  # noqa: E402
 
 
 def _rec(p_tools: float, p_plain: float, status: str = "measured") -> dict:

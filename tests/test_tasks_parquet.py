@@ -31,7 +31,7 @@ def _png(h: int = 12, w: int = 16, value: int = 0) -> bytes:
 
 
 def deepeyes_row(i: int = 0, env_name=None, image=None) -> dict:
-    """A row shaped like the DeepEyes training files (REFERENCE.md section 4)."""
+    """A row shaped like the DeepEyes training files (docs/deepeyes.md, "Data")."""
     question = f"What is the colour of the mug number {i}?"
     return {
         "data_source": "vstar",

@@ -1,8 +1,9 @@
 """Reproducible benchmark evaluation: V* Bench, HR-Bench and the synthetic mini benchmark.
 
-What DeepEyes did, made a command (REFERENCE.md section 6): greedy decoding, up to 11 model calls per
-sample, a stop at ``</tool_call>`` and ``<|im_end|>``, rule matching first and an LLM judge only where the
-rules cannot decide; and what it did not: options shuffled with a fixed seed (``benchmarks.py``),
+What DeepEyes did, made a command (docs/deepeyes.md, "Evaluation and published numbers"): greedy decoding, up
+to 11 model calls per sample, a stop at ``</tool_call>`` and ``<|im_end|>``, rule matching first and an LLM judge
+only where the rules cannot decide; and what it did not: options shuffled with a fixed seed
+(``benchmark_files.py``),
 resumable runs, every trajectory saved, one report::
 
     python -m deepeyes_agent.offline.evaluate --policy /models/DeepEyes-7B --benchmark vstar:/data/vstar_bench \
@@ -42,7 +43,7 @@ from deepeyes_agent.rollout.trajectory import save_trajectories
 from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.judges import Judge, JudgeRequest, LLMJudge, Verdict, match_rules, option_letter
 
-# REFERENCE.md section 6: accuracy (%) as published.
+# docs/deepeyes.md, "Evaluation and published numbers": accuracy (%) as published.
 PUBLISHED = {
     "Qwen2.5-VL-7B": {"vstar": 71.2, "hrbench_4k": 68.8, "hrbench_8k": 65.3},
     "DeepEyes-7B": {"vstar": 90.1, "hrbench_4k": 75.1, "hrbench_8k": 72.6},
@@ -243,7 +244,7 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
                                                                                          "hrbench_8k")]
     if any(v is not None for v in ours):
         pub.append(["**this run**", *[pct(v) for v in ours]])
-    lines += ["## Published numbers (REFERENCE.md section 6)", "",
+    lines += ["## Published numbers (docs/deepeyes.md)", "",
               md_table(["model", "V* (%)", "HR-Bench 4K (%)", "HR-Bench 8K (%)"], pub), "",
               "DeepEyes reported that an unshuffled option order (the correct option always first) inflated "
               "scores by about 5 points; this run's order is as stated above.", ""]

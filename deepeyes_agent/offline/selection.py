@@ -1,4 +1,4 @@
-"""Tool-use-oriented data selection, reproducible and resumable (REFERENCE.md section 4).
+"""Tool-use-oriented data selection, reproducible and resumable (docs/deepeyes.md, "Data").
 
 DeepEyes kept training samples on which tools can make the difference: the base model is neither always
 nor never right with tools, and one-turn answers fail; images under 28 px were skipped. It did this

@@ -40,7 +40,7 @@ from deepeyes_envs.messages import (
     render_qwen_observation,
 )
 
-# DeepEyes budget: 8192 prompt tokens + 20480 response tokens (REFERENCE.md section 2).
+# DeepEyes budget: 8192 prompt tokens + 20480 response tokens (docs/deepeyes.md, "The v2 env").
 DEFAULT_MAX_PROMPT_TOKENS = 8192
 DEFAULT_MAX_TOTAL_TOKENS = 8192 + 20480
 

@@ -12,7 +12,7 @@ contract (``reset`` / ``step`` and their ``info``), so any env that keeps it pla
 
 Ending rules on top of the env's own (answer, no tool call, cut-off reply, max turns): an observation
 that does not fit the token budget is dropped whole, the env is closed and the trajectory ends with
-``end_reason == "token_budget"`` and ``truncated`` set (REFERENCE.md section 2); its reward is judged
+``end_reason == "token_budget"`` and ``truncated`` set (docs/deepeyes.md, "The v2 env"); its reward is judged
 on what the model's context holds.
 """
 

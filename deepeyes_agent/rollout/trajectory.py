@@ -82,7 +82,7 @@ class Trajectory:
     ``logprobs[i]`` (0 where the mask is 0). ``images`` are all images of the context in order (prompt
     images first, then the crops), ``task_images`` the task's own images (what replay needs).
 
-    ``reward`` is the outcome score (REFERENCE.md section 3), ``reward_parts`` its pieces (acc, format
+    ``reward`` is the outcome score (docs/deepeyes.md, "The reward"), ``reward_parts`` its pieces (acc, format
     error, tool bonus, answer, judge). ``group_id`` is shared by the ``n`` rollouts of one task (GRPO).
     ``context`` is the live token context for training; it is never saved (see ``rebuild_context``).
     """
