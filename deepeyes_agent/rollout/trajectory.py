@@ -242,7 +242,7 @@ class TrajectoryBatch(list):
     def _repr_html_(self) -> str:
         from deepeyes_agent.rollout.trajectory_html import batch_html
 
-        return batch_html(self)
+        return batch_html(self, self.summary())
 
 
 # ---------------------------------------------------------------------------------------------- save / load

@@ -6,11 +6,13 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
 from deepeyes_envs.messages import Message
 from deepeyes_envs.render import image_tag
+
+if TYPE_CHECKING:  # the records import this module to display themselves
+    from deepeyes_agent.rollout.trajectory import Trajectory, Turn
 
 _CSS = """<style>
 .dt{font-family:sans-serif;font-size:13px;max-width:1000px}
@@ -113,13 +115,13 @@ def trajectory_html(traj: Trajectory) -> str:
     return "".join(rows)
 
 
-def batch_html(trajectories: Sequence[Trajectory]) -> str:
+def batch_html(trajectories: Sequence[Trajectory], summary: dict[str, float] | None = None) -> str:
     """A summary table (reward, acc, tool calls, turns per trajectory) with each trajectory expandable."""
     header = "".join(f"<th>{h}</th>" for h in ("#", "uid", "reward", "acc", "tool calls", "turns", "gen tokens", "end"))
     rows = [_CSS, "<div class='dt'>"]
-    if isinstance(trajectories, TrajectoryBatch):
-        stats = trajectories.summary()
-        rows.append("<div class='lbl'>" + html.escape(" · ".join(f"{k} {v:.3g}" for k, v in stats.items())) + "</div>")
+    if summary:
+        stats = " · ".join(f"{k} {v:.3g}" for k, v in summary.items())
+        rows.append(f"<div class='lbl'>{html.escape(stats)}</div>")
     rows.append(f"<table><tr>{header}</tr>")
     for i, traj in enumerate(trajectories):
         cells = (i, traj.uid, f"{traj.reward:.2f}", f"{traj.acc:.0f}", traj.n_tool_calls, traj.n_turns,
