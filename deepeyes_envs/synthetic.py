@@ -204,7 +204,8 @@ def _overlaps(a: IntBox, b: IntBox, margin: int = 0) -> bool:
     return a[0] - margin < b[2] and b[0] - margin < a[2] and a[1] - margin < b[3] and b[1] - margin < a[3]
 
 
-def _place(rng: np.random.Generator, w: int, h: int, bw: int, bh: int, margin: int) -> IntBox:
+def place_box(rng: np.random.Generator, w: int, h: int, bw: int, bh: int, margin: int) -> IntBox:
+    """A random ``bw`` x ``bh`` box inside a ``w`` x ``h`` image, ``margin`` px from its edges where it fits."""
     x = int(rng.integers(margin, max(margin + 1, w - bw - margin)))
     y = int(rng.integers(margin, max(margin + 1, h - bh - margin)))
     return (x, y, x + bw, y + bh)
@@ -334,7 +335,7 @@ def _place_targets(
     placed: list[Shape] = []
     for i in range(n):
         side = int(rng.integers(lo, hi + 1))
-        box = _place(rng, w, h, side, side, margin=side)
+        box = place_box(rng, w, h, side, side, margin=side)
         for _ in range(100):
             if not placed:
                 break
@@ -342,7 +343,7 @@ def _place_targets(
             apart = abs((box[0] + box[2]) - (other[0] + other[2])) / 2 >= max(0.1 * w, 3 * hi)
             if apart and not _overlaps(box, other, margin=hi):
                 break
-            box = _place(rng, w, h, side, side, margin=side)
+            box = place_box(rng, w, h, side, side, margin=side)
         rgb = COLORS[colors[i]]
         label = str(chars[i]) if labels and side >= MIN_LABELLED_SIDE else ""
         size = max(7, round(0.55 * side))
@@ -371,7 +372,7 @@ def _distractors(
         bw, bh = (side, max(2, side // 4)) if kind == "bar" else (side, side)
         if kind == "bar" and rng.random() < 0.5:
             bw, bh = bh, bw
-        box = _place(rng, w, h, bw, bh, margin=0)
+        box = place_box(rng, w, h, bw, bh, margin=0)
         if any(_overlaps(box, t.box, margin=hi // 2) for t in targets):
             continue
         color = palette[int(rng.integers(len(palette)))]
@@ -471,11 +472,11 @@ def toy_task(seed: int, index: int = 0, config: ToyConfig = ToyConfig()) -> Task
 
 def _toy_color_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> tuple[list[Shape], IntBox, str]:
     side = max(1, min(cfg.target_side(), cfg.size - 2))
-    target = Shape("square", _place(rng, cfg.size, cfg.size, side, side, margin=1), COLORS[answer])
+    target = Shape("square", place_box(rng, cfg.size, cfg.size, side, side, margin=1), COLORS[answer])
     shapes = []
     for _ in range(round(6 * cfg.difficulty)):  # grey clutter, never a candidate colour
         s = int(rng.integers(max(2, side // 2), max(3, side * 2)))
-        box = _place(rng, cfg.size, cfg.size, s, s, margin=0)
+        box = place_box(rng, cfg.size, cfg.size, s, s, margin=0)
         if not _overlaps(box, target.box, margin=2):
             grey = int(rng.choice([60, 90, 170, 200]))
             shapes.append(Shape(str(rng.choice(["circle", "triangle", "ring"])), box, (grey, grey, grey)))
@@ -497,7 +498,7 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
         x = y = (cfg.size - f) // 2
         frame = (x, y, x + f, y + f)
     else:
-        frame = _place(rng, cfg.size, cfg.size, f, f, margin=2)
+        frame = place_box(rng, cfg.size, cfg.size, f, f, margin=2)
     border = max(1, f // 14)
     cell = (f - 2 * border) // 2
     side = max(3, min(cfg.target_side(), cell - 2))

@@ -96,7 +96,7 @@ def test_chat_template_matches_env_renderer(policy) -> None:
 def test_build_tiny_command(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "cmd"
-    result = subprocess.run([sys.executable, "-m", "deepeyes_agent.policy.tiny", "build", str(out)],
+    result = subprocess.run([sys.executable, "-m", "deepeyes_agent.policy", "build-tiny", str(out)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "built tiny Qwen2.5-VL" in result.stdout

@@ -3,17 +3,14 @@
 It is a real ``Qwen2_5_VLForConditionalGeneration`` with a byte-level BPE tokenizer trained in-process on
 generated text, saved in the standard Hugging Face layout so that transformers and vLLM both load it::
 
-    python -m deepeyes_agent.policy.tiny build /tmp/tiny-qwen
+    python -m deepeyes_agent.policy build-tiny /tmp/tiny-qwen
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -206,23 +203,3 @@ def build_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0, *, min_pixels:
     _save_image_processor(out, min_pixels, max_pixels)
     (out / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m deepeyes_agent.policy.tiny build OUT_DIR [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.policy.tiny", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build the tiny random Qwen2.5-VL used by tests and the CPU config")
-    build.add_argument("out_dir")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--min-pixels", type=int, default=TINY_MIN_PIXELS)
-    build.add_argument("--max-pixels", type=int, default=TINY_MAX_PIXELS)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    out = build_tiny_qwen2_5_vl(args.out_dir, seed=args.seed, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    print(f"built tiny Qwen2.5-VL in {out} ({time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

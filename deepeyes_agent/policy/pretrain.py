@@ -1,0 +1,263 @@
+"""A pretrained tiny base: the tiny Qwen2.5-VL taught to see and to name what it sees, never to call a tool.
+
+A real VLM starts RL with eyes that read what is large enough and words for it; a random tiny model does not,
+and RL cannot teach both at once in minutes (docs/training.md, "Thinking with images on a CPU"). So the tiny
+model is pretrained, offline and reproducibly, on synthetic perception questions (``deepeyes_envs.perception``:
+colours, shapes, marks big enough to read, where a frame is, as a box in the frame the model sees), in two
+stages:
+
+1. **eyes**: the vision tower and its merger, with a linear head on the mean of each image's visual tokens, learn
+   to classify the answer word (a plain supervised image classifier, as vision towers are pretrained);
+2. **words**: with the eyes frozen, the language model learns to answer each question in the answer format
+   (``<answer>...</answer>``), the next-token loss on the answer turn only.
+
+The result is a standard Hugging Face directory with a model card (``README.md``) and ``pretraining.json``
+(settings and held-out accuracy per family). :func:`pretrained_tiny_base` caches it by a hash of its settings,
+so a second build is a cache hit::
+
+    python -m deepeyes_agent.policy pretrain-tiny OUT_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer, collate
+from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_model, load_processor
+from deepeyes_agent.policy.logprobs import model_inputs, sampling_logits, token_logprobs
+from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
+from deepeyes_agent.settings import Section, setting
+from deepeyes_envs.images import seen_size
+from deepeyes_envs.messages import image_part, message
+from deepeyes_envs.perception import PERCEPTION_FAMILIES, perception_tasks
+from deepeyes_envs.prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT
+from deepeyes_envs.scripted import answer_turn
+from deepeyes_envs.tasks import Task
+
+# Bump when the pretraining code changes what it produces: the cache key includes it.
+RECIPE_VERSION = 1
+ANSWER_THOUGHT = "I can see it."  # the thought of every answer turn, as in the direct-answer demonstrations
+DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
+Progress = Callable[[str], None]
+
+
+class PretrainSettings(Section):
+    """Everything the pretrained base depends on (its cache key)."""
+
+    seed: int = setting(0, "Seed of the random model, its tokenizer, the data order and the perception tasks.")
+    min_pixels: int = setting(3136, "Pixel budget the base is pretrained and saved with (56x56 px: 4 visual tokens).")
+    max_pixels: int = setting(3136, "Upper pixel budget (equal to min_pixels: every image seen at one size).")
+    families: tuple[str, ...] = setting(PERCEPTION_FAMILIES, "Perception families (deepeyes_envs.perception).")
+    data_seed: int = setting(20_260_401, "Seed of the perception tasks, apart from every RL task seed.")
+    n_train: int = setting(3200, "Training questions, spread evenly over the families.")
+    n_test: int = setting(400, "Held-out questions for the model card.")
+    eyes_epochs: int = setting(3, "Passes of the eyes stage over its training images.")
+    eyes_lr: float = setting(1e-3, "AdamW learning rate of the eyes stage.")
+    words_steps: int = setting(500, "Optimizer steps of the words stage (eyes frozen).")
+    words_lr: float = setting(2e-3, "AdamW learning rate of the words stage.")
+    batch_size: int = setting(32, "Questions per step in both stages.")
+
+    def key(self) -> str:
+        blob = json.dumps({"recipe": RECIPE_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_tiny_base(settings: PretrainSettings | None = None, cache_dir: str | os.PathLike | None = None,
+                         progress: Progress = print) -> Path:
+    """The pretrained tiny base for ``settings``, built once per settings hash under ``cache_dir`` (default
+    ``$DEEPEYES_CACHE/tiny-bases`` or ``~/.cache/deepeyes/tiny-bases``); later calls return the cached one."""
+    settings = settings or PretrainSettings()
+    root = Path(cache_dir or (Path(os.environ["DEEPEYES_CACHE"]) / "tiny-bases" if "DEEPEYES_CACHE" in os.environ
+                              else DEFAULT_CACHE)).expanduser()
+    final = root / f"tiny-qwen2_5_vl-base-{settings.key()}"
+    if (final / "pretraining.json").is_file():
+        progress(f"pretrained tiny base: cache hit {final}")
+        return final
+    tmp = root / f"tmp-{settings.key()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_pretrained_tiny(tmp, settings, progress)
+    if (final / "pretraining.json").is_file():  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def build_pretrained_tiny(out: str | os.PathLike, settings: PretrainSettings, progress: Progress = print) -> Path:
+    """Build the random tiny model into ``out`` and pretrain it there (see the module docstring)."""
+    start = time.perf_counter()
+    out = build_tiny_qwen2_5_vl(out, seed=settings.seed, min_pixels=settings.min_pixels,
+                                max_pixels=settings.max_pixels)
+    processor = load_processor(out)
+    model = load_model(out)
+    vision = VisionTokenizer(processor)
+    tasks = perception_tasks(settings.data_seed, settings.n_train + settings.n_test,
+                             lambda w, h: seen_size(w, h, vision.min_pixels, vision.max_pixels,
+                                                    vision.patch_size * vision.merge_size), settings.families)
+    train, test = tasks[:settings.n_train], tasks[settings.n_train:]
+    generator = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        eyes = train_eyes(model, processor, train, test, settings, generator, progress)
+        words = train_words(model, processor, train, test, settings, generator, progress)
+    model.save_pretrained(out)
+    report = {"settings": settings.model_dump(mode="json"), "recipe_version": RECIPE_VERSION,
+              "eyes_accuracy": eyes, "answer_accuracy": words, "seconds": time.perf_counter() - start}
+    (Path(out) / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+    (Path(out) / "README.md").write_text(model_card(report))
+    progress(f"pretrained tiny base in {report['seconds']:.0f} s: held-out answer accuracy "
+             + ", ".join(f"{k} {v:.2f}" for k, v in words.items()))
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------------ stage 1: eyes
+def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: Sequence[Task], test: Sequence[Task],
+               settings: PretrainSettings, generator: torch.Generator, progress: Progress) -> dict[str, float]:
+    """The vision tower + merger, with a linear head on the mean of each image's visual tokens, as a classifier
+    of the answer word; held-out accuracy per family. Families answered by a box (``locate``) are left out."""
+    train = [t for t in train if "answer_space" in t.extra]
+    test = [t for t in test if "answer_space" in t.extra]
+    words = sorted({w for t in train for w in t.extra["answer_space"]})
+    encode = _image_encoder(processor, [*train, *test])
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(words))
+    params = [*model.model.visual.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.eyes_lr, weight_decay=0.0)
+
+    def logits(batch: Sequence[Task]) -> torch.Tensor:
+        pixels, grids = encode(batch)
+        pooled = [tokens.mean(0) for tokens in model.model.get_image_features(pixels, grids).pooler_output]
+        return head(torch.stack(pooled))
+
+    labels = torch.tensor([words.index(t.answer) for t in train])
+    model.train()
+    for epoch in range(settings.eyes_epochs):
+        order = torch.randperm(len(train), generator=generator)
+        for batch in order.split(settings.batch_size):
+            loss = torch.nn.functional.cross_entropy(logits([train[i] for i in batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        progress(f"eyes epoch {epoch + 1}/{settings.eyes_epochs}: loss {float(loss):.3f}")
+    model.eval()
+    with torch.no_grad():
+        predicted = [words[int(i)] for b in range(0, len(test), 64) for i in logits(test[b:b + 64]).argmax(-1)]
+    return _per_family(test, [p == t.answer for p, t in zip(predicted, test, strict=True)])
+
+
+def _image_encoder(processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> Callable:
+    """Tasks -> (pixel_values, image_grid_thw) of their first images, each processed once and kept."""
+    processed = {}
+    for task in tasks:
+        out = processor.image_processor(images=[Image.fromarray(task.load_images()[0])], return_tensors="pt")
+        processed[task.task_id] = (out["pixel_values"], out["image_grid_thw"])
+
+    def encode(batch: Sequence[Task]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [processed[t.task_id] for t in batch]
+        return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
+
+    return encode
+
+
+# ------------------------------------------------------------------------------------------ stage 2: words
+def question_context(processor: QwenVLImageProcessor, task: Task, vision: VisionTokenizer) -> EpisodeContext:
+    """A perception question as the plain (tool-free) prompt of the envs renders it."""
+    image = task.load_images()[0]
+    messages = (message("system", PLAIN_SYSTEM_PROMPT),
+                message("user", image_part(image), f"\n{task.question}" + PLAIN_USER_PROMPT))
+    return EpisodeContext(processor, messages, max_prompt_tokens=None, vision=vision)
+
+
+def train_words(model: torch.nn.Module, processor: QwenVLImageProcessor, train: Sequence[Task], test: Sequence[Task],
+                settings: PretrainSettings, generator: torch.Generator, progress: Progress) -> dict[str, float]:
+    """Next-token loss on the answer turn of each question, the eyes frozen; held-out exact greedy answers per
+    family."""
+    vision = VisionTokenizer(processor)
+    episodes = []
+    for task in train:
+        ctx = question_context(processor, task, vision)
+        ctx.append_written(answer_turn(task.answer, ANSWER_THOUGHT), ends_turn=True)
+        episodes.append(ctx)
+    model.model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.words_lr, weight_decay=0.0)
+    model.train()
+    for step in range(settings.words_steps):
+        picks = torch.randint(len(episodes), (settings.batch_size,), generator=generator).tolist()
+        batch = collate([episodes[i] for i in picks])
+        mask = batch["loss_mask"].bool()
+        loss = -token_logprobs(model, batch, 1.0, vision.vision_token_ids)[mask].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if (step + 1) % 100 == 0 or step + 1 == settings.words_steps:
+            progress(f"words step {step + 1}/{settings.words_steps}: loss {float(loss):.3f}")
+    model.model.visual.requires_grad_(True)
+    model.eval()
+    return _per_family(test, answer_hits(model, processor, test))
+
+
+@torch.no_grad()
+def answer_hits(model: torch.nn.Module, processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> list[bool]:
+    """Whether greedy decoding would write each question's whole answer turn (thought, ``<answer>``, the right
+    answer, the end of turn): under teacher forcing, the most likely token is the answer turn's at every step."""
+    vision = VisionTokenizer(processor)
+    hits = []
+    for start in range(0, len(tasks), 64):
+        contexts = []
+        for task in tasks[start:start + 64]:
+            ctx = question_context(processor, task, vision)
+            ctx.append_written(answer_turn(task.answer, ANSWER_THOUGHT), ends_turn=True)
+            contexts.append(ctx)
+        batch = collate(contexts)
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
+        best = sampling_logits(logits, 1.0, vision.vision_token_ids).argmax(-1)
+        right = (best == batch["input_ids"][:, 1:]) | (batch["loss_mask"][:, 1:] == 0)
+        hits += right.all(dim=1).tolist()
+    return hits
+
+
+def _per_family(tasks: Sequence[Task], hits: Sequence[bool]) -> dict[str, float]:
+    families: dict[str, list[bool]] = {}
+    for task, hit in zip(tasks, hits, strict=True):
+        families.setdefault(task.extra["kind"].removeprefix("perception_"), []).append(bool(hit))
+    return {family: float(np.mean(values)) for family, values in sorted(families.items())}
+
+
+def model_card(report: dict) -> str:
+    """The README.md of a pretrained base: what it was trained on, how, and how well."""
+    s = report["settings"]
+    rows = "\n".join(f"| {family} | {report['eyes_accuracy'].get(family, float('nan')):.2f} | {acc:.2f} |"
+                     for family, acc in report["answer_accuracy"].items())
+    return f"""# Tiny Qwen2.5-VL, pretrained on synthetic perception
+
+A 2-layer, 128-wide Qwen2.5-VL with a 2-block vision tower (built by `deepeyes_agent.policy.tiny`), pretrained
+offline by `deepeyes_agent.policy.pretrain` (recipe version {report['recipe_version']}, {report['seconds']:.0f} s).
+
+- **Data**: {s['n_train']} synthetic perception questions (`deepeyes_envs.perception`, seed {s['data_seed']}),
+  families {", ".join(s['families'])}; one image and one short answer each, no tool call anywhere, and no
+  family whose answer can only be read through a zoom.
+- **Images**: seen at {s['min_pixels']}..{s['max_pixels']} pixels (the saved processor budget).
+- **Stage 1, eyes**: the vision tower and merger with a linear head on the mean of each image's visual tokens,
+  {s['eyes_epochs']} epochs at lr {s['eyes_lr']}, classifying the answer word (locate has no word and is left
+  out).
+- **Stage 2, words**: eyes frozen, the language model trained on the answer turn
+  (`<think>{ANSWER_THOUGHT}</think> <answer>...</answer>`), {s['words_steps']} steps of {s['batch_size']} at
+  lr {s['words_lr']}.
+
+Held-out accuracy ({s['n_test']} questions; answers greedy and exact):
+
+| family | eyes (stage 1) | answer (stage 2) |
+|---|---|---|
+{rows}
+"""
