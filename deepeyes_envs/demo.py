@@ -2,6 +2,7 @@
 
 ``python -m deepeyes_envs.demo`` resets the env on seeded V*-like tasks, zooms on the right box,
 answers, prints one line per episode and writes an HTML transcript of every episode.
+``--env visual_code`` plays counting tasks instead, solved by a program run in the code tool.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import gymnasium as gym
 
 from .registry import registered_envs
 from .render import HTMLTranscript
-from .scripted import scripted_turns
+from .scripted import scripted_agent
 
 
 def play(env_name: str, episodes: int, seed: int) -> tuple[list[dict], list[str]]:
@@ -23,7 +24,7 @@ def play(env_name: str, episodes: int, seed: int) -> tuple[list[dict], list[str]
     for episode in range(episodes):
         _, reset_info = env.reset(seed=seed + episode)
         start = time.perf_counter()
-        for turn in scripted_turns(env.unwrapped):
+        for turn in scripted_agent(env.unwrapped):
             _, reward, terminated, truncated, info = env.step(turn)
             if terminated or truncated:
                 break

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import gymnasium as gym
@@ -38,7 +38,7 @@ from .parsing import ParsedTurn, ToolCall, parse_turn
 from .rewards import EpisodeOutcome, grounding_iou, score_episodes
 from .spaces import AgentTurnSpace, ConversationSpace
 from .tasks import Task, TaskSource, as_task_source
-from .tools import Tool, ToolContext, ToolError, make_tool
+from .tools import Tool, ToolContext, ToolError, make_tool, registered_tools
 
 PROMPT_STYLES = ("deepeyes_v2", "dynamic", "plain")
 COORDINATE_FRAMES = ("original", "seen")
@@ -54,6 +54,7 @@ class ToolEnv(gym.Env):
         *,
         tools: Sequence[str] = ("image_zoom_in_tool",),
         advertised_tools: Optional[Sequence[str]] = None,
+        tool_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         prompt_style: str = "dynamic",
         coordinate_frame: str = "seen",
         crop_of_crop: bool = False,
@@ -79,7 +80,13 @@ class ToolEnv(gym.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.tool_names = tuple(tools)
         self.advertised_tools = tuple(self.tool_names if advertised_tools is None else advertised_tools)
-        self._tools = {name: make_tool(name) for name in self.tool_names}
+        self.tool_options = {name: dict(options) for name, options in (tool_options or {}).items()}
+        unknown = sorted(set(self.tool_options) - set(registered_tools()))
+        if unknown:
+            raise ValueError(f"tool_options names unregistered tools {unknown}; registered: {registered_tools()}")
+        self._tools: dict[str, Tool] = {}
+        for name in self.tool_names:
+            self._tools[name] = make_tool(name, **self.tool_options.get(name, {}))
         self.prompt_style = prompt_style
         self.coordinate_frame = coordinate_frame
         self.crop_of_crop = crop_of_crop
@@ -179,7 +186,7 @@ class ToolEnv(gym.Env):
             return self.tool_names
         unknown = [t for t in task.tools if t not in self._tools]
         for name in unknown:
-            self._tools[name] = make_tool(name)
+            self._tools[name] = make_tool(name, **self.tool_options.get(name, {}))
         return tuple(task.tools)
 
     def _user_prompt(self, task: Task) -> str:
@@ -374,6 +381,12 @@ class ToolEnv(gym.Env):
         """Everything after the prompt as the model's context holds it (Qwen chat text)."""
         return "".join(self._response_chunks)
 
+    def close(self) -> None:
+        """Close every tool (the code tool's sandbox workers among them); the env may be reset again after."""
+        for tool in self._tools.values():
+            tool.close()
+        super().close()
+
     # -- rendering ---------------------------------------------------------------------------------
     def render(self):
         from .render import draw_boxes, transcript_html
@@ -388,12 +401,13 @@ class ToolEnv(gym.Env):
 
 
 def _resolve_task_source(spec: Any) -> TaskSource:
-    """None: synthetic V*-like tasks (so ``gym.make`` works with no data); a str or Path: a DeepEyes
+    """None: synthetic V*-like tasks (so ``gym.make`` works with no data); a mapping: the keyword arguments
+    of a ``SyntheticTaskSource`` (how a registry yaml picks a synthetic family); a str or Path: a DeepEyes
     parquet file; otherwise a TaskSource or a list of tasks."""
-    if spec is None:
+    if spec is None or isinstance(spec, Mapping):
         from .synthetic import SyntheticTaskSource
 
-        return SyntheticTaskSource(n=1000, seed=0)
+        return SyntheticTaskSource(**{"n": 1000, "seed": 0, **(spec or {})})
     if isinstance(spec, (str, os.PathLike)):
         from .datasets import load_deepeyes_parquet
 

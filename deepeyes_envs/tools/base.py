@@ -61,6 +61,9 @@ class Tool:
     def reset(self) -> None:
         """Forget per-episode state; called by the env at every reset."""
 
+    def close(self) -> None:
+        """Release what the tool holds (processes, connections); called by the env's ``close``."""
+
     @classmethod
     def schema(cls) -> dict[str, Any]:
         """The OpenAI/Qwen function schema that prompts advertise."""
@@ -92,11 +95,18 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def make_tool(name: str) -> Tool:
+def make_tool(name: str, **options: Any) -> Tool:
+    """A new instance of the tool registered as ``name``; ``options`` go to its constructor."""
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"no tool named {name!r}; registered tools: {sorted(_REGISTRY)}") from None
+    if not options:
+        return cls()
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise TypeError(f"options {sorted(options)} for tool {name!r}: {exc}") from None
 
 
 def registered_tools() -> list[str]:
