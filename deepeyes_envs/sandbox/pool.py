@@ -46,10 +46,12 @@ class SandboxUnavailable(RuntimeError):
 class SandboxPool:
     """``size`` warm sandbox workers. Thread-safe; a context manager; see the module docstring."""
 
-    def __init__(self, size: int = 1, *, startup_timeout_s: float = 60.0):
+    def __init__(self, size: int = 1, *, startup_timeout_s: float = 60.0, grace_s: float = GRACE_S):
+        """``grace_s``: how long past an execution's wall limit to wait for its worker's answer before
+        the worker counts as hung and is replaced."""
         if size < 1:
             raise ValueError(f"a sandbox pool needs at least one worker, got {size}")
-        self.size, self.startup_timeout_s = size, startup_timeout_s
+        self.size, self.startup_timeout_s, self.grace_s = size, startup_timeout_s, grace_s
         self._start()
 
     def _start(self) -> None:
@@ -84,7 +86,7 @@ class SandboxPool:
         try:
             if worker.dead:
                 worker = self._replace(worker)
-            return worker.run(request, limits)
+            return worker.run(request, limits, self.grace_s)
         finally:
             self._idle.put(worker)
 
@@ -145,7 +147,7 @@ class _Worker:
                 start_new_session=True)
         finally:
             theirs.close()
-        self.sock, self.dead = ours, False
+        self.sock, self._closed = ours, False
         self.sock.settimeout(startup_timeout_s)
         try:
             self._expect("stage")
@@ -181,13 +183,17 @@ class _Worker:
             return False
         return True
 
-    def run(self, request: tuple[dict[str, Any], list[Any]], limits: Limits) -> ExecutionResult:
+    @property
+    def dead(self) -> bool:
+        return self._closed or self.process.poll() is not None
+
+    def run(self, request: tuple[dict[str, Any], list[Any]], limits: Limits, grace_s: float) -> ExecutionResult:
         try:
-            self.sock.settimeout(limits.wall_s + GRACE_S)
+            self.sock.settimeout(limits.wall_s + grace_s)
             self._send(*request)
             outcome, (output, result) = self._receive(limits.max_output_bytes + _result_bound(limits) + (1 << 20))
         except (OSError, EOFError, ValueError, protocol.ProtocolError) as exc:
-            self.close()
+            self.close(wait_s=0)
             return worker_failure(exc)
         return read_result(outcome, output, result, limits)
 
@@ -202,12 +208,13 @@ class _Worker:
         self._log.seek(0)
         return self._log.read(8192).decode("utf-8", "replace")
 
-    def close(self) -> None:
-        """Hang up (the worker then ends, with everything it started), reap it; kill it if it lingers."""
-        self.dead = True
+    def close(self, wait_s: float = 5.0) -> None:
+        """Hang up (the worker then ends, with everything it started) and reap it; kill it if it lingers
+        past ``wait_s`` (0 for a worker that failed: it may be hung)."""
+        self._closed = True
         self.sock.close()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

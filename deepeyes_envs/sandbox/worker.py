@@ -66,9 +66,9 @@ def main() -> NoReturn:
 
 def _zygote(sock: socket.socket) -> NoReturn:
     try:
-        jail.die_with_parent(signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # pid 1 gets only signals it handles: now none at all
         jail.become_root()
+        jail.die_with_parent(signal.SIGKILL)  # after become_root: a change of user id clears it
         jail.forbid_nested_namespaces()
         jail.enter_empty_root()
         jail.undumpable()
