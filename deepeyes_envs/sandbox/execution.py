@@ -119,7 +119,9 @@ def _builtins(allowed: list[str] | None) -> dict[str, Any]:
     allowed_set = frozenset(allowed)
 
     def guarded_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0):
-        if level or name.partition(".")[0] not in allowed_set:
+        if level:
+            raise ImportError("relative imports are not available here: the code is not in a package")
+        if name.partition(".")[0] not in allowed_set:
             raise ImportError(f"module {name!r} is not available here; the modules you can import are: "
                               + ", ".join(sorted(allowed_set)))
         return real_import(name, globals, locals, fromlist, level)
