@@ -57,6 +57,10 @@ def test_code_runs_with_images_and_shows_new_ones(pool):
     crop, mask = result.images
     assert crop.shape == (5, 15, 3) and (crop == (200, 10, 10)).all()
     assert mask.shape == (30, 40, 3) and mask.sum() == 5 * 15 * 3 * 255 and not mask.flags.writeable
+    views = pool.run("print(len(images), images[-1].size, [im.size for im in images[:1]], images[0] is images[-2])\n"
+                     "arrays[0][0, 0] = 1", [image, np.zeros((2, 3, 3), np.uint8)])
+    assert views.output == "2 (3, 2) [(40, 30)] True\n"  # PIL images are made once, on first use
+    assert "ValueError: assignment destination is read-only" in views.error
 
 
 def test_no_network_even_to_a_server_on_the_hosts_loopback(pool):

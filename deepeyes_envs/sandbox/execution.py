@@ -90,7 +90,7 @@ def _execute(code: str, blobs: Sequence[bytes], shapes: list[list[int]], limits:
     namespace = {
         "__name__": "__main__",
         "__builtins__": _builtins(allowed_imports),
-        "images": [Image.frombuffer("RGB", (a.shape[1], a.shape[0]), a, "raw", "RGB", 0, 1) for a in arrays],
+        "images": _PILImages(arrays),
         "arrays": arrays,
         "show": _show_function(shown, limits),
     }
@@ -104,6 +104,30 @@ def _execute(code: str, blobs: Sequence[bytes], shapes: list[list[int]], limits:
     except BaseException as exc:  # noqa: B036 - SystemExit and KeyboardInterrupt are the code's errors too
         return shown, _short_error(exc, limits)
     return shown, None
+
+
+class _PILImages(Sequence):
+    """``images[i]``: ``arrays[i]`` as a PIL image, made on first use (PIL copies RGB pixels, and most
+    programs use only one of the two views)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self._arrays = arrays
+        self._made: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __getitem__(self, index: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        array = self._arrays[index]  # an IndexError as from a list
+        key = index % len(self._arrays)
+        if key not in self._made:
+            self._made[key] = Image.fromarray(array)
+        return self._made[key]
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} PIL images: {', '.join(f'{a.shape[1]}x{a.shape[0]}' for a in self._arrays)}>"
 
 
 def _builtins(allowed: list[str] | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ bytes and the child's result message to the env, which parses them within its ow
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import os
 import select
@@ -40,7 +41,8 @@ from PIL import Image
 
 MAX_REQUEST_HEADER = 1 << 20
 MAX_REQUEST_BYTES = 4 << 30  # the env bounds requests far lower; this only keeps a bad message from allocating more
-CHUNK = 1 << 16
+PIPE_SIZE = 1 << 20  # the result pipe's capacity: an image passes in few context switches
+F_SETPIPE_SZ = 1031
 
 
 def main() -> NoReturn:
@@ -95,6 +97,8 @@ def _supervise(header: dict[str, Any], blobs: list[bytearray], sock: socket.sock
     os.close(stdin_end)  # the code reads end-of-file from stdin
     output_r, output_w = os.pipe()
     result_r, result_w = os.pipe()
+    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default size does too
+        fcntl.fcntl(result_w, F_SETPIPE_SZ, PIPE_SIZE)
     start = time.monotonic()
     child = os.fork()
     if child == 0:
@@ -140,25 +144,25 @@ def _watch(pidfd: int, sock: socket.socket, sinks: dict[int, _Sink], deadline: f
 
 
 class _Sink:
-    """Bytes from one pipe, read in place into a growing buffer (so ``wipe`` can zero every copy),
-    and known to be ``over`` once they pass ``bound``."""
+    """Bytes from one pipe, read in place into a buffer that doubles as it fills (so ``wipe`` can zero
+    every copy), and known to be ``over`` once they pass ``bound``."""
 
     def __init__(self, name: str, bound: int):
         self.name, self.bound = name, bound
-        self.buffer, self.size = bytearray(CHUNK), 0
+        self.buffer, self.size = bytearray(1 << 16), 0
 
     @property
     def over(self) -> bool:
         return self.size > self.bound
 
     def read_from(self, fd: int) -> bool:
-        """One read; False at end of file."""
-        if self.size + CHUNK > len(self.buffer):
+        """One read, into whatever room is left; False at end of file."""
+        if len(self.buffer) - self.size < 1 << 15:
             grown = bytearray(2 * len(self.buffer))
             grown[: self.size] = self.buffer[: self.size]
             _wipe([self.buffer])
             self.buffer = grown
-        count = os.readv(fd, [memoryview(self.buffer)[self.size: self.size + CHUNK]])
+        count = os.readv(fd, [memoryview(self.buffer)[self.size:]])
         self.size += count
         return count > 0
 
@@ -186,9 +190,10 @@ def _reap_orphans() -> None:
 
 def _wipe(buffers: list[bytearray]) -> None:
     """Zero a request's code and images, and a reply's bytes, once sent: nothing of one execution stays
-    in this process's memory for the next one (a fork of it) to find."""
+    in this process's memory for the next one (a fork of it) to find. (numpy's fill is a memset, in
+    place; assigning a zero bytes object would allocate and fault in as much again.)"""
     for buffer in buffers:
-        buffer[:] = bytes(len(buffer))
+        numpy.frombuffer(buffer, numpy.uint8).fill(0)
 
 
 def _send(sock: socket.socket, header: dict[str, Any], blobs: list[memoryview] | None = None) -> None:
