@@ -58,7 +58,8 @@ def _keep_only_pipes(stdin: int, output: int, result: int) -> None:
     os.dup2(output, 1)
     os.dup2(output, 2)
     os.dup2(result, RESULT_FD)
-    os.closerange(RESULT_FD + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    # Up to the file limit, or further: a descriptor inherited above a lowered limit stays open.
+    os.closerange(RESULT_FD + 1, max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16))
 
 
 def _set_limits(limits: dict[str, Any]) -> None:

@@ -195,6 +195,9 @@ class _Worker:
         except (OSError, EOFError, ValueError, protocol.ProtocolError) as exc:
             self.close(wait_s=0)
             return worker_failure(exc)
+        except BaseException:  # interrupted mid-message (KeyboardInterrupt): the stream is out of step
+            self.close(wait_s=0)
+            raise
         return read_result(outcome, output, result, limits)
 
     def _send(self, header: dict[str, Any], blobs: Sequence[Any] = ()) -> None:
