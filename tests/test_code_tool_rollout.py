@@ -1,6 +1,6 @@
 """A visual_code episode through the agent's rollout loop, on the tiny model: the code tool's image is handled
-exactly like a zoom crop (a context image in an observation segment, loss mask 0, the token budget, saved
-trajectories, HTML). The envs are wrapped in ``ScriptedActions`` (the counting program, then the answer),
+exactly like a zoom crop (a context image in an observation segment, loss mask 0, the token budget, the
+training forward, saved trajectories, HTML). The envs are wrapped in ``ScriptedActions`` (the counting program, then the answer),
 since a random model writes no tool calls; the model still samples every turn.
 """
 
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from deepeyes_agent.chat import collate
+from deepeyes_agent.models import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.rollout.loop import run_episodes
@@ -61,6 +63,16 @@ def test_the_code_tools_image_is_a_context_image_with_loss_mask_0(trajectory, ta
     assert len(pads) == ctx.image_grid_thw[1][1] * ctx.image_grid_thw[1][2] // 4  # the image's tokens, merged 2x2
     assert sum(ctx.loss_mask) == traj.n_generated_tokens == 2 * 5
     assert traj.reward_parts["acc"] == 1.0 and traj.reward_parts["tool"] == 1.0 and traj.reward == pytest.approx(2.0)
+
+
+def test_the_training_forward_reads_the_context_with_the_codes_image(policy, trajectory):
+    inputs = collate([trajectory.context])
+    assert inputs["image_grid_thw"].shape[0] == 2  # the task image and the code's image, both fed to the model
+    with torch.no_grad():
+        recomputed = token_logprobs(policy.model, inputs, 1.0, trajectory.context.vision.vision_token_ids)
+    mask = inputs["loss_mask"].bool()
+    assert mask.sum() == 2 * 5
+    assert (recomputed[mask] - inputs["old_logprobs"][mask]).abs().max().item() < 1e-4  # as sampled, image and all
 
 
 def test_saved_trajectory_keeps_the_image_and_renders_it(trajectory, tmp_path):
