@@ -58,7 +58,9 @@ def test_visual_code_is_registered_with_a_prompt_from_both_schemas(env):
     assert info["tools"] == ("image_zoom_in_tool", "python_tool")
     assert '"name":"python_tool"' in prompt and '"name":"image_zoom_in_tool"' in prompt and "show(image)" in prompt
     assert env.unwrapped.task.extra["kind"] == "count" and "dots" in env.unwrapped.task.question
-    check_env(gym.make("visual_code").unwrapped)
+    checked = gym.make("visual_code")
+    check_env(checked.unwrapped)
+    checked.close()
 
 
 def test_prints_and_images_come_back_and_later_calls_use_them(env):

@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CALL = {"name": "python_tool", "arguments": {"code": "print(arrays[0].shape)"}}
 
 
+@pytest.fixture(autouse=True)
+def no_shared_pool_yet():
+    gc.collect()  # envs other modules dropped without closing
+    assert shared._pool is None, "an env with python_tool is still open: these tests need the process to itself"
+
+
 def workers_of(env) -> set[int]:
     pool = env.unwrapped._tools["python_tool"]._pool
     return set(pool.pids) | {p for pid in pool.pids for p in descendants(pid)}
@@ -110,5 +116,4 @@ def test_without_user_namespaces_gym_make_fails_clearly_and_other_envs_still_wor
 
 
 def test_no_pool_is_left_open():
-    gc.collect()
-    assert shared._pool is None and shared._users == 0
+    assert shared._users == 0  # the fixture checked that no pool is open

@@ -381,3 +381,25 @@ def test_without_user_namespaces_construction_fails_clearly():
     assert out.stdout.startswith("unavailable: cannot create the sandbox's namespaces"), out.stdout
     assert "needs Linux user namespaces" in out.stdout
     assert issubclass(SandboxUnavailable, RuntimeError)
+
+
+def test_an_env_process_with_many_open_files():
+    """The worker's socket keeps its descriptor number (here above 1023, select's limit), and the
+    execution still holds only its own four descriptors."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with SandboxPool() as crowded:
+            result = run(crowded, """
+                import os
+                def is_open(fd):
+                    try:
+                        os.fstat(fd)
+                        return True
+                    except OSError:
+                        return False
+                print([fd for fd in range(4096) if is_open(fd)])
+            """)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert result.ok and result.output == "[0, 1, 2, 3]\n", result

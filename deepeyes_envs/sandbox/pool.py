@@ -63,7 +63,6 @@ class SandboxPool:
             worker = _Worker(self.startup_timeout_s)
             self._workers.append(worker)
             self._idle.put(worker)
-        self.info = dict(self._workers[0].info)
 
     @property
     def pids(self) -> list[int]:
@@ -151,13 +150,14 @@ class _Worker:
         self.sock.settimeout(startup_timeout_s)
         try:
             self._expect("stage")
-            self._send({"mapped": True} if self._map_ids() else {"mapped": False})
-            self.info = self._expect("ready")
+            error = self._map_ids()
+            self._send({"mapped": error is None, "error": error})
+            self._expect("ready")
         except BaseException:
             self.close()
             raise
 
-    def _expect(self, key: str) -> dict[str, Any]:
+    def _expect(self, key: str) -> None:
         try:
             header, _ = self._receive(0)
         except (OSError, EOFError, protocol.ProtocolError) as exc:
@@ -166,11 +166,11 @@ class _Worker:
         if "fatal" in header or key not in header:
             raise SandboxUnavailable(f"{header.get('fatal', header)}. The code tool needs Linux user namespaces "
                                      "(see docs/code-tool.md, 'Requirements').")
-        return header
 
-    def _map_ids(self) -> bool:
+    def _map_ids(self) -> Optional[str]:
         """Map the namespace's root to an unprivileged user: nobody when the env is root (so that the
-        kernel enforces the process limit, which it never does for real root), else the env's own user."""
+        kernel enforces the process limit, which it never does for real root), else the env's own user.
+        Returns why that failed, or None."""
         uid, gid = os.geteuid(), os.getegid()
         outside_uid, outside_gid = (NOBODY, NOBODY) if uid == 0 else (uid, gid)
         proc = Path(f"/proc/{self.process.pid}")
@@ -179,9 +179,9 @@ class _Worker:
                 (proc / "setgroups").write_text("deny")
             (proc / "uid_map").write_text(f"0 {outside_uid} 1\n")
             (proc / "gid_map").write_text(f"0 {outside_gid} 1\n")
-        except OSError:
-            return False
-        return True
+        except OSError as exc:
+            return f"{exc} (mapping uid 0 to {outside_uid})"
+        return None
 
     @property
     def dead(self) -> bool:

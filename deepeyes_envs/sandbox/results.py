@@ -17,12 +17,12 @@ import numpy as np
 from . import protocol
 from .limits import Limits
 
-STATUSES = ("ok", "error", "wall", "cpu", "output", "images", "crash", "exit", "worker")
-
 
 @dataclass(frozen=True)
 class ExecutionResult:
-    """``status`` is ``"ok"`` or names how it failed (see STATUSES); ``error`` then says it for the model.
+    """``status`` is ``"ok"``, or how it failed: ``"error"`` (the code raised), ``"wall"``, ``"cpu"``,
+    ``"output"``, ``"images"`` (a limit), ``"crash"`` (a fatal signal), ``"exit"`` (the process ended
+    without a result) or ``"worker"`` (the worker died or hung); ``error`` then says it for the model.
 
     ``output`` is what the code printed (up to the output limit), ``images`` what it passed to
     ``show()`` (read-only uint8 H x W x 3 arrays), ``wall_s`` and ``cpu_s`` what it used.

@@ -76,8 +76,7 @@ def _zygote(sock: socket.socket) -> NoReturn:
         jail.undumpable()
     except OSError as exc:
         _fatal(sock, f"cannot set up the sandbox ({exc})")
-    _send(sock, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0],
-                 "numpy": numpy.__version__, "pillow": Image.__version__})
+    _send(sock, {"ready": True})
     read_exact = protocol.reader(sock.recv_into)
     while True:
         try:
@@ -124,19 +123,24 @@ def _supervise(header: dict[str, Any], blobs: list[bytearray], sock: socket.sock
 
 
 def _watch(pidfd: int, sock: socket.socket, sinks: dict[int, _Sink], deadline: float) -> str | None:
-    """Collect the child's bytes until it exits; why it was stopped early ("wall", "output", "result")."""
-    open_fds = set(sinks)
+    """Collect the child's bytes until it exits; why it was stopped early ("wall", "output", "result").
+
+    ``poll``, not ``select``: the env's socket keeps its descriptor number, which may be above 1023.
+    """
+    poller = select.poll()
+    for fd in (pidfd, sock.fileno(), *sinks):
+        poller.register(fd, select.POLLIN)
     while True:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             return "wall"
-        ready, _, _ = select.select([pidfd, sock, *open_fds], [], [], timeout)
-        if sock in ready:  # the env never writes during an execution: it hung up
+        ready = {fd for fd, _ in poller.poll(max(1, int(timeout * 1000)))}
+        if sock.fileno() in ready:  # the env never writes during an execution: it hung up
             _kill_everything()
             os._exit(0)
-        for fd in open_fds & set(ready):
+        for fd in ready & set(sinks):
             if not sinks[fd].read_from(fd):
-                open_fds.discard(fd)
+                poller.unregister(fd)
             elif sinks[fd].over:
                 return sinks[fd].name
         if pidfd in ready:
