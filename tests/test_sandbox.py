@@ -370,6 +370,27 @@ def test_a_forked_child_gets_workers_of_its_own(pool):
     still_works(pool)
 
 
+def _wait_for(event) -> None:
+    event.wait(120)
+
+
+def test_a_forked_child_does_not_keep_the_parents_workers_alive():
+    """The child drops its inherited copy of the worker's socket: the worker sees its owner hang up and ends
+    by itself (exit status 0), not killed after a timeout, while the child still runs."""
+    own = SandboxPool()
+    context = multiprocessing.get_context("fork")
+    done = context.Event()
+    child = context.Process(target=_wait_for, args=(done,))
+    child.start()
+    try:
+        worker = own._workers[0]
+        own.close()
+        assert child.is_alive() and worker.process.returncode == 0
+    finally:
+        done.set()
+        child.join(60)
+
+
 def test_without_user_namespaces_construction_fails_clearly():
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from deepeyes_envs.sandbox import SandboxPool, SandboxUnavailable\n"

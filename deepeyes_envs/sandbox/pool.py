@@ -137,6 +137,7 @@ class _Worker:
     """One worker process and the env's end of its socket."""
 
     def __init__(self, startup_timeout_s: float):
+        self._owner = os.getpid()
         ours, theirs = socket.socketpair()
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's stderr, kept open while it lives
         try:
@@ -147,6 +148,7 @@ class _Worker:
         finally:
             theirs.close()
         self.sock, self._closed = ours, False
+        _LIVE.add(self)
         self.sock.settimeout(startup_timeout_s)
         try:
             self._expect("stage")
@@ -211,11 +213,19 @@ class _Worker:
         self._log.seek(0)
         return self._log.read(8192).decode("utf-8", "replace")
 
+    def disown(self) -> None:
+        """In a forked child: drop the inherited copy of the socket, so that the worker still sees it close
+        when its owner hangs up, and never signal the owner's worker from here."""
+        self._closed = True
+        self.sock.close()
+
     def close(self, wait_s: float = 5.0) -> None:
         """Hang up (the worker then ends, with everything it started) and reap it; kill it if it lingers
         past ``wait_s`` (0 for a worker that failed: it may be hung)."""
         self._closed = True
         self.sock.close()
+        if self._owner != os.getpid():
+            return
         try:
             self.process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
@@ -226,4 +236,15 @@ class _Worker:
 
 def _result_bound(limits: Limits) -> int:
     return limits.max_images * limits.max_image_pixels * 3 + (1 << 20)
+
+
+_LIVE: weakref.WeakSet[_Worker] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    for worker in list(_LIVE):
+        worker.disown()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
