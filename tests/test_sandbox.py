@@ -424,3 +424,19 @@ def test_an_env_process_with_many_open_files():
         for fd in held:
             os.close(fd)
     assert result.ok and result.output == "[0, 1, 2, 3]\n", result
+
+
+def test_where_the_process_limit_would_not_hold_construction_fails_clearly():
+    """Root inside a user namespace that maps it to the host's real root (``unshare --map-root-user`` run
+    as root): nobody is not mapped there, the sandbox's user falls back to that root, for which the kernel
+    never enforces RLIMIT_NPROC; the worker's probe notices and the sandbox refuses to start."""
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from deepeyes_envs.sandbox import SandboxPool, SandboxUnavailable\n"
+              "try:\n    SandboxPool()\nexcept SandboxUnavailable as exc:\n    print('unavailable:', exc)\n")
+    out = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if running_as_root():
+        assert out.stdout.startswith("unavailable: the kernel does not enforce the process limit"), out.stdout
+    else:  # the namespace's root is this user, and the limit holds for it
+        assert out.stdout == "", out.stdout

@@ -30,15 +30,17 @@ MAX_ERROR_CHARS = 2000
 RESULT_FD = 3
 
 
-def run(header: dict[str, Any], blobs: Sequence[bytes], stdin: int, output: int, result: int) -> NoReturn:
-    """The child's whole life: never returns (``os._exit``), whatever the code does."""
+def run(header: dict[str, Any], blobs: Sequence[bytes], stdin: int, output: int, result: int,
+        tasks_before: int) -> NoReturn:
+    """The child's whole life: never returns (``os._exit``), whatever the code does. ``tasks_before``:
+    the worker's tasks that count against the same process limit."""
     main_pid = os.getpid()
     status = 0
     try:
         limits = header["limits"]
         _keep_only_pipes(stdin, output, result)
         jail.private_scratch(limits["scratch_mb"] << 20, limits["max_open_files"])
-        _set_limits(limits)
+        _set_limits(limits, tasks_before)
         jail.drop_privileges()
         sys.stdout = sys.stderr = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                                    errors="backslashreplace", write_through=True)
@@ -62,14 +64,14 @@ def _keep_only_pipes(stdin: int, output: int, result: int) -> None:
     os.closerange(RESULT_FD + 1, max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16))
 
 
-def _set_limits(limits: dict[str, Any]) -> None:
+def _set_limits(limits: dict[str, Any], tasks_before: int) -> None:
     cpu = max(1, int(limits["cpu_s"] + 0.999))
     memory = limits["memory_mb"] << 20
     for kind, soft, hard in [
         (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at the soft limit, SIGKILL a second later
         (resource.RLIMIT_AS, memory, memory),
-        # Tasks of this user in this user namespace: the warm worker and the execution's processes and threads.
-        (resource.RLIMIT_NPROC, limits["max_tasks"] + 1, limits["max_tasks"] + 1),
+        # Tasks of this user in this user namespace: the worker's and the execution's processes and threads.
+        (resource.RLIMIT_NPROC, tasks_before + limits["max_tasks"], tasks_before + limits["max_tasks"]),
         (resource.RLIMIT_NOFILE, limits["max_open_files"], limits["max_open_files"]),
         (resource.RLIMIT_FSIZE, limits["max_file_mb"] << 20, limits["max_file_mb"] << 20),
         (resource.RLIMIT_CORE, 0, 0),

@@ -56,13 +56,19 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(_libc.mount(*args, ctypes.c_ulong(flags), None if data is None else data.encode()), f"mount {target}")
 
 
-def become_root() -> None:
+def become_root() -> bool:
     """Take the user id the env mapped for us (root inside, an unprivileged id outside), without
-    supplementary groups, so files the process creates have an owner the namespace knows."""
+    supplementary groups, so files the process creates have an owner the namespace knows.
+
+    Returns whether this process already had that id: then the worker's first process (which stays as
+    it started) has it too, and counts against the same process limit.
+    """
+    already = os.getuid() == 0  # an id outside the map reads as the overflow id, 65534
     with contextlib.suppress(PermissionError):  # an unprivileged env had to deny setgroups to map our group
         os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    return already
 
 
 def forbid_nested_namespaces() -> None:

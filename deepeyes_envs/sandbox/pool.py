@@ -170,20 +170,23 @@ class _Worker:
                                      "(see docs/code-tool.md, 'Requirements').")
 
     def _map_ids(self) -> Optional[str]:
-        """Map the namespace's root to an unprivileged user: nobody when the env is root (so that the
-        kernel enforces the process limit, which it never does for real root), else the env's own user.
-        Returns why that failed, or None."""
+        """Map the namespace's root to an unprivileged user: nobody when the env is root (the kernel never
+        enforces the process limit for the host's real root), else the env's own user; root inside a user
+        namespace of its own (a rootless container) may lack nobody, and falls back to its own id (the
+        worker then checks that the process limit holds). Returns why mapping failed, or None."""
         uid, gid = os.geteuid(), os.getegid()
-        outside_uid, outside_gid = (NOBODY, NOBODY) if uid == 0 else (uid, gid)
         proc = Path(f"/proc/{self.process.pid}")
-        try:
-            if uid != 0:
-                (proc / "setgroups").write_text("deny")
-            (proc / "uid_map").write_text(f"0 {outside_uid} 1\n")
-            (proc / "gid_map").write_text(f"0 {outside_gid} 1\n")
-        except OSError as exc:
-            return f"{exc} (mapping uid 0 to {outside_uid})"
-        return None
+        error = None
+        for outside_uid, outside_gid in ([(NOBODY, NOBODY)] if uid == 0 else []) + [(uid, gid)]:
+            try:
+                if uid != 0:
+                    (proc / "setgroups").write_text("deny")
+                (proc / "uid_map").write_text(f"0 {outside_uid} 1\n")
+                (proc / "gid_map").write_text(f"0 {outside_gid} 1\n")
+                return None
+            except OSError as exc:
+                error = f"{exc} (mapping uid 0 to {outside_uid})"
+        return error
 
     @property
     def dead(self) -> bool:

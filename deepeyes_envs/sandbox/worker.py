@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import importlib
 import os
+import resource
 import select
 import signal
 import socket
@@ -69,8 +70,11 @@ def main() -> NoReturn:
 def _zygote(sock: socket.socket) -> NoReturn:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # pid 1 gets only signals it handles: now none at all
-        jail.become_root()
+        tasks_before = 2 if jail.become_root() else 1  # this process, and the first one if it has our user
         jail.die_with_parent(signal.SIGKILL)  # after become_root: a change of user id clears it
+        if not _process_limit_holds(tasks_before):
+            _fatal(sock, "the kernel does not enforce the process limit for the sandbox's user (it maps to the "
+                   "host's real root), so a fork bomb would not be stopped; run the env as another user")
         jail.forbid_nested_namespaces()
         jail.enter_empty_root()
         jail.undumpable()
@@ -83,13 +87,31 @@ def _zygote(sock: socket.socket) -> NoReturn:
             header, blobs = protocol.decode(read_exact, MAX_REQUEST_HEADER, MAX_REQUEST_BYTES)
         except EOFError:  # the env closed its end (or died): the namespace dies with this process
             os._exit(0)
-        outcome, output, result = _supervise(header, blobs, sock)
+        outcome, output, result = _supervise(header, blobs, sock, tasks_before)
         _wipe(blobs)
         _send(sock, outcome, [output.data(), result.data()])
         _wipe([output.buffer, result.buffer])
 
 
-def _supervise(header: dict[str, Any], blobs: list[bytearray], sock: socket.socket) -> tuple[dict, _Sink, _Sink]:
+def _process_limit_holds(tasks_before: int) -> bool:
+    """Whether the kernel enforces RLIMIT_NPROC here, with ``tasks_before`` tasks of our user counted
+    already (it never does for the host's real root): a probe limited to itself must fail to fork."""
+    probe = os.fork()
+    if probe == 0:
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks_before + 1, tasks_before + 1))
+        try:
+            if os.fork() == 0:
+                os._exit(0)
+        except BlockingIOError:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(probe, 0)
+    _reap_orphans()
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _supervise(header: dict[str, Any], blobs: list[bytearray], sock: socket.socket,
+               tasks_before: int) -> tuple[dict, _Sink, _Sink]:
     """Run one execution in a fresh child; return how it ended, what it printed and its result message."""
     limits = header["limits"]
     stdin, stdin_end = os.pipe()
@@ -101,7 +123,7 @@ def _supervise(header: dict[str, Any], blobs: list[bytearray], sock: socket.sock
     start = time.monotonic()
     child = os.fork()
     if child == 0:
-        execution.run(header, blobs, stdin, output_w, result_w)
+        execution.run(header, blobs, stdin, output_w, result_w, tasks_before)
     for fd in (stdin, output_w, result_w):
         os.close(fd)
     pidfd = os.pidfd_open(child)
