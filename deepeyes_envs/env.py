@@ -84,9 +84,7 @@ class ToolEnv(gym.Env):
         unknown = sorted(set(self.tool_options) - set(registered_tools()))
         if unknown:
             raise ValueError(f"tool_options names unregistered tools {unknown}; registered: {registered_tools()}")
-        self._tools: dict[str, Tool] = {}
-        for name in self.tool_names:
-            self._tools[name] = make_tool(name, **self.tool_options.get(name, {}))
+        self._tools = {name: make_tool(name, **self.tool_options.get(name, {})) for name in self.tool_names}
         self.prompt_style = prompt_style
         self.coordinate_frame = coordinate_frame
         self.crop_of_crop = crop_of_crop

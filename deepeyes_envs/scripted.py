@@ -100,6 +100,7 @@ def code_turns(env: ToolEnv) -> Iterator[str]:
 
 def scripted_agent(env: ToolEnv) -> Iterator[str]:
     """The code agent where the task is a counting task and the env offers ``python_tool``, else the zoom agent."""
-    if env.task.extra.get("kind") == "count" and "python_tool" in env._tools_for(env.task):
+    tools = env.task.tools if env.task.tools is not None else env.tool_names
+    if env.task.extra.get("kind") == "count" and "python_tool" in tools:
         return code_turns(env)
     return iter(scripted_turns(env))
