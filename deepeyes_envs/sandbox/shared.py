@@ -14,7 +14,9 @@ from typing import Optional
 
 from .pool import SandboxPool
 
-_lock = threading.Lock()
+# Re-entrant: a tool collected by the garbage collector while this thread starts a pool (inside acquire)
+# releases from within it.
+_lock = threading.RLock()
 _pool: Optional[SandboxPool] = None
 _users = 0
 
@@ -43,7 +45,7 @@ def release(pool: SandboxPool) -> None:
 
 def _forget_after_fork() -> None:
     global _lock, _pool, _users
-    _lock, _pool, _users = threading.Lock(), None, 0
+    _lock, _pool, _users = threading.RLock(), None, 0
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
