@@ -12,6 +12,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -25,10 +26,11 @@ import numpy as np
 import pytest
 from sandbox_helpers import descendants, host_uid, running_as_root, sandbox_processes, wait_until_gone
 
-from deepeyes_envs.sandbox import Limits, SandboxPool, SandboxUnavailable
+from deepeyes_envs.sandbox import Limits, SandboxPool, SandboxUnavailable, jail
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Limits(cpu_s=1, wall_s=3)
+SYSCALLS = {"x86_64": {"getpid": 39, "clone": 56}, "aarch64": {"getpid": 172, "clone": 220}}[platform.machine()]
 
 
 @pytest.fixture(scope="module")
@@ -184,17 +186,31 @@ def test_no_capabilities_no_new_namespaces_no_ptrace(pool):
         print(call("mount", None, b"/", None, 32, None))  # remount / read-write
         print(call("unshare", 0x10000000))  # a new user namespace
         print(call("unshare", 0x40000000))  # a new network namespace
+        print("clone", call("syscall", NUMBERS["clone"], 0x10000000 | 17, 0, 0, 0, 0))  # a child in a new one
         print(call("ptrace", 16, 1, None, None))  # attach to the warm worker, pid 1
         print(call("chroot", b"/scratch"))
         print("system", libc.system(b"id"))
-    """)
+        # refused by the seccomp filter alone: each works for an unprivileged process elsewhere
+        buffer = ctypes.create_string_buffer(256)
+        for name, args in (("personality", (0xFFFFFFFF,)), ("io_uring_setup", (1, buffer)), ("userfaultfd", (0,)),
+                           ("bpf", (0, buffer, 128)), ("keyctl", (0, -3, 0)), ("process_vm_readv", (1, 0, 0, 0, 0, 0))):
+            print(name, call("syscall", NUMBERS[name], *args))
+        print("x32", call("syscall", 0x40000000 | NUMBERS["personality"], 0xFFFFFFFF))
+        print("getpid", call("syscall", NUMBERS["getpid"]))
+    """.replace("NUMBERS", repr({**{n: jail.syscall_number(n) for n in jail.DENIED_SYSCALLS}, **SYSCALLS})))
     assert result.ok, result.error
-    assert result.output.splitlines() == [
+    refused = "syscall=-1 Operation not permitted"
+    *lines, getpid = result.output.splitlines()
+    assert lines == [
         "mount=-1 Operation not permitted", "mount=-1 Operation not permitted",
-        "unshare=-1 No space left on device", "unshare=-1 Operation not permitted",
+        "unshare=-1 Operation not permitted", "unshare=-1 Operation not permitted",
+        "clone syscall=-1 No space left on device",  # the user namespace limit of 0
         "ptrace=-1 Operation not permitted", "chroot=-1 Operation not permitted",
         "system 32512",  # /bin/sh does not exist: exit status 127
+        f"personality {refused}", f"io_uring_setup {refused}", f"userfaultfd {refused}", f"bpf {refused}",
+        f"keyctl {refused}", f"process_vm_readv {refused}", f"x32 {refused}",
     ]
+    assert int(getpid.removeprefix("getpid syscall=")) > 2  # allowed (pid 1 is the zygote, 2 its start-up probe)
     if running_as_root():  # the namespace's root is nobody on the host
         (zygote,) = descendants(pool.pids[0])
         assert host_uid(zygote) == 65534

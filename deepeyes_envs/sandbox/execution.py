@@ -1,10 +1,10 @@
 """One execution, in a process forked from the warm worker: lock it down, run the code, send the result.
 
 Runs only inside the sandbox (imported there as the top-level ``execution``). The order matters: the
-process first keeps only its three pipes, gets a private scratch tmpfs, takes its resource limits and
-gives up every capability; only then does it compile the untrusted code. What the code prints goes to
-file descriptors 1 and 2 (a pipe the worker reads, and cuts off at the output limit); its images and
-its error, if any, go as one protocol message to descriptor 3.
+process first keeps only its three pipes, gets a private scratch tmpfs, takes its resource limits, gives
+up every capability and installs a seccomp filter; only then does it compile the untrusted code. What
+the code prints goes to file descriptors 1 and 2 (a pipe the worker reads, and cuts off at the output
+limit); its images and its error, if any, go as one protocol message to descriptor 3.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def run(header: dict[str, Any], blobs: Sequence[bytes], stdin: int, output: int,
         jail.private_scratch(limits["scratch_mb"] << 20, limits["max_open_files"])
         _set_limits(limits, tasks_before)
         jail.drop_privileges()
+        jail.forbid_syscalls()
         sys.stdout = sys.stderr = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                                    errors="backslashreplace", write_through=True)
         images, error = _execute(blobs[0].decode("utf-8"), blobs[1:], header["images"], limits,
