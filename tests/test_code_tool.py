@@ -162,6 +162,8 @@ def test_a_tool_call_written_as_text_with_bad_json_types(env):
     reset(env)
     *_, info = env.step('<tool_call>{"name": "python_tool", "arguments": {"code": 3.5}}</tool_call>')
     assert "must be a string, got number" in info["error"]
+    *_, info = env.step('<tool_call>{"name": "python_tool", "arguments": {"code": "print(\'\\udcff\')"}}</tool_call>')
+    assert "code is not valid text" in info["error"]  # a lone surrogate, escaped in the JSON
 
 
 def test_tool_directly_and_its_options():
