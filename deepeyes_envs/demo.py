@@ -2,6 +2,7 @@
 
 ``python -m deepeyes_envs.demo`` resets the env on seeded V*-like tasks, zooms on the right box,
 answers, prints one line per episode and writes an HTML transcript of every episode.
+``--env visual_code`` plays counting tasks instead, solved by a program run in the code tool.
 """
 
 from __future__ import annotations
@@ -12,24 +13,27 @@ import time
 
 import gymnasium as gym
 
+from .env import resolve_task_source
 from .registry import registered_envs
 from .render import HTMLTranscript
-from .scripted import scripted_turns
-from .synthetic import SyntheticTaskSource
+from .scripted import scripted_agent
 
 
 def play(env_name: str, episodes: int, seed: int) -> tuple[list[dict], list[str]]:
     env = gym.make(env_name, render_mode="html")
-    tasks = SyntheticTaskSource(n=episodes, seed=seed)
+    tasks = resolve_task_source(gym.spec(env_name).kwargs.get("task_source"))  # the env's own tasks
     rows, pages = [], []
     for episode in range(episodes):
-        task = tasks[episode]
+        task = tasks[(seed + episode) % len(tasks)]
         _, reset_info = env.reset(seed=seed + episode, options={"task": task})
         start = time.perf_counter()
-        for turn in scripted_turns(task, reset_info):
-            _, reward, terminated, truncated, info = env.step(turn)
+        agent = scripted_agent(task, reset_info)
+        turn = next(agent)
+        while True:
+            obs, reward, terminated, truncated, info = env.step(turn)
             if terminated or truncated:
                 break
+            turn = agent.send(obs)
         parts, summary = info["reward_parts"], info["episode_summary"]
         rows.append({"episode": episode, "task": task.task_id, "size": reset_info["image_size"],
                      "turns": summary["turns"], "answer": parts["answer"], "acc": parts["acc"],

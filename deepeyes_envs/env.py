@@ -102,7 +102,7 @@ class ToolEnv(gym.Env):
         self.strict = strict
         self.max_turns = max_turns
         self.max_calls_per_turn = max_calls_per_turn if strict else 1
-        self.task_source: TaskSource = _resolve_task_source(task_source)
+        self.task_source: TaskSource = resolve_task_source(task_source)
         self.judge: Judge = _make_judge(judge)
         self.defer_reward = defer_reward
         self.min_pixels, self.max_pixels, self.image_factor = min_pixels, max_pixels, image_factor
@@ -392,6 +392,12 @@ class ToolEnv(gym.Env):
         """Everything after the prompt as the model's context holds it (Qwen chat text)."""
         return "".join(self._response_chunks)
 
+    def close(self) -> None:
+        """Close every tool (the code tool's sandbox workers among them); the env may be reset again after."""
+        for tool in self._tools.values():
+            tool.close()
+        super().close()
+
     # -- rendering ---------------------------------------------------------------------------------
     def render(self):
         from .render import draw_boxes, transcript_html
@@ -405,13 +411,14 @@ class ToolEnv(gym.Env):
         return None
 
 
-def _resolve_task_source(spec: Any) -> TaskSource:
-    """None: synthetic V*-like tasks (so ``gym.make`` works with no data); a str or Path: a DeepEyes
+def resolve_task_source(spec: Any) -> TaskSource:
+    """None: synthetic V*-like tasks (so ``gym.make`` works with no data); a mapping: the keyword arguments
+    of a ``SyntheticTaskSource`` (how a registry yaml picks a synthetic family); a str or Path: a DeepEyes
     parquet file; otherwise a TaskSource or a list of tasks."""
-    if spec is None:
+    if spec is None or isinstance(spec, Mapping):
         from .synthetic import SyntheticTaskSource
 
-        return SyntheticTaskSource(n=1000, seed=0)
+        return SyntheticTaskSource(**{"n": 1000, "seed": 0, **(spec or {})})
     if isinstance(spec, (str, os.PathLike)):
         from .datasets import load_deepeyes_parquet
 

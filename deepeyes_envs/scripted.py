@@ -1,13 +1,17 @@
-"""A scripted agent that zooms on each ground-truth box, then answers correctly.
+"""Scripted agents: one zooms on each ground-truth box, then answers; one counts dots with code.
 
-It is the demonstrator for supervised warm starts, the player of the demo, and a smoke test of the
-whole env loop: with it every episode should end with acc 1, a tool bonus and IoU near 1.
+The zoom agent is the demonstrator for supervised warm starts, the player of the demo, and a smoke
+test of the whole env loop: with it every episode should end with acc 1, a tool bonus and IoU near 1.
+The code agent (counting tasks, ``visual_code``) writes a program for ``python_tool`` that counts the
+dots of the asked colour and shows their mask, then answers with the number the program printed: the
+answer comes from the code's output, never from the task's ground truth.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from .images import box_to_seen
@@ -50,3 +54,57 @@ def scripted_turns(task: Task, reset_info: Mapping[str, Any]) -> list[str]:
         turns.append(zoom_turn(box))
     turns.append(answer_turn(task.answer))
     return turns
+
+
+COUNT_CODE = """import numpy as np
+
+target = np.array({rgb})
+mask = np.abs(arrays[0].astype(int) - target).sum(axis=2) < 60
+seen = np.zeros_like(mask)
+height, width = mask.shape
+count = 0
+for y, x in zip(*np.nonzero(mask)):
+    if seen[y, x]:
+        continue
+    count += 1  # a new dot: flood-fill it so that its other pixels are not counted again
+    seen[y, x] = True
+    stack = [(y, x)]
+    while stack:
+        cy, cx = stack.pop()
+        for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+            if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                seen[ny, nx] = True
+                stack.append((ny, nx))
+print(f"{{count}} {color} dots")
+show(mask)
+"""
+COUNT_PRINTED = re.compile(r"(\d+) \w+ dots")
+
+
+def count_code_turn(color: str, rgb: tuple[int, int, int]) -> str:
+    call = {"name": "python_tool", "arguments": {"code": COUNT_CODE.format(rgb=tuple(rgb), color=color)}}
+    return (f"<think>Counting {color} dots by eye is error-prone; I will count their pixels' connected regions "
+            f"in code.</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>")
+
+
+# A scripted agent: a generator of turn texts that is sent each turn's observation (the env's ``obs``).
+Agent = Generator[str, Mapping[str, Any], None]
+
+
+def code_turns(task: Task) -> Agent:
+    """The code agent on a counting task: the program, then the number the program printed (read from the
+    observation it is sent after its first turn), never the task's ground truth."""
+    extra = task.extra
+    obs = yield count_code_turn(extra["color"], extra["rgb"])
+    printed = " ".join(p["text"] for m in obs["messages"] for p in m["content"] if p["type"] == "text")
+    found = COUNT_PRINTED.search(printed)
+    yield answer_turn(found.group(1) if found else "unknown", "The program counted them.")
+
+
+def scripted_agent(task: Task, reset_info: Mapping[str, Any]) -> Agent:
+    """The code agent where the task is a counting task and the env offers ``python_tool`` (its reset info
+    lists the tools), else the zoom agent. Drive it with ``next(agent)`` then ``agent.send(obs)`` per turn."""
+    if task.extra.get("kind") == "count" and "python_tool" in reset_info["tools"]:
+        yield from code_turns(task)
+    else:
+        yield from scripted_turns(task, reset_info)

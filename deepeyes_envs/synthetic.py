@@ -1,6 +1,6 @@
 """Offline, seeded synthetic tasks with ground-truth boxes.
 
-Two families:
+Three families:
 
 * **Visual search** (V*-like): a large image (1920x1080 by default, 4K works) with a cluttered
   background and small target shapes; attribute questions ("What is the color of the triangle?"),
@@ -10,6 +10,8 @@ Two families:
 * **Toy** tasks for proving that RL learns: small images, a 2-4 colour answer space judged by
   rule, a ``difficulty`` knob for target size, and a ``zoom`` variant whose deciding detail is too
   small to see at a low pixel budget unless the model zooms into the ground-truth box.
+* **Counting** ("How many red dots are there?"): many small dots of a few colours; counting them by eye
+  at the model's resolution is error-prone, counting pixels in code (the ``python_tool``) is exact.
 
 A task holds only its layout (a :class:`Scene`); pixels are rendered from it when the env loads the
 task, so thousands of tasks cost almost nothing, and the same seed and index always give the same
@@ -521,17 +523,83 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
     return [Shape("frame", frame, (0, 0, 0)), *marks], frame, stem
 
 
+# --- counting --------------------------------------------------------------------------------
+
+COUNT_COLORS = ("red", "green", "blue", "yellow")
+
+
+@dataclass(frozen=True)
+class CountConfig:
+    """Knobs of the counting family: ``n_targets`` dots of one colour (the question's) among ``n_others``
+    dots of the other ``colors``, each a flat disc of ``radius`` px (min, max) on a flat grey image, at
+    least ``gap`` px apart so that every dot is its own connected region of exactly its colour."""
+
+    width: int = 448
+    height: int = 336
+    colors: tuple[str, ...] = COUNT_COLORS
+    n_targets: tuple[int, int] = (3, 12)
+    n_others: tuple[int, int] = (6, 18)
+    radius: tuple[int, int] = (4, 8)
+    gap: int = 3
+    data_source: str = "synthetic_count"
+    env_name: str = "visual_code"
+
+    def __post_init__(self) -> None:
+        if len(self.colors) < 2 or any(c not in COLORS for c in self.colors):
+            raise ValueError(f"colors must be at least two of {sorted(COLORS)}, got {self.colors}")
+        for name in ("n_targets", "n_others", "radius"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 0 <= min <= max, got {(lo, hi)}")
+        if self.radius[0] < 1 or self.n_targets[0] < 1:
+            raise ValueError("dots need a radius of at least 1 px and a question at least 1 target")
+
+
+def count_task(seed: int, index: int = 0, config: CountConfig = CountConfig()) -> Task:
+    """One counting task, fully determined by (seed, index, config)."""
+    cfg = config
+    rng = np.random.default_rng([seed, index])
+    target = str(rng.choice(cfg.colors))
+    others = [c for c in cfg.colors if c != target]
+    n_targets = int(rng.integers(cfg.n_targets[0], cfg.n_targets[1] + 1))
+    n_others = int(rng.integers(cfg.n_others[0], cfg.n_others[1] + 1))
+    colors = [target] * n_targets + [str(c) for c in rng.choice(others, size=n_others)]
+    placed: list[Shape] = []
+    for color in colors:
+        side = 2 * int(rng.integers(cfg.radius[0], cfg.radius[1] + 1)) + 1
+        for _ in range(200):
+            box = place_box(rng, cfg.width, cfg.height, side, side, margin=1)
+            if not any(_overlaps(box, s.box, margin=cfg.gap) for s in placed):
+                placed.append(Shape("circle", box, COLORS[color]))
+                break
+        else:
+            raise ValueError(f"cannot place {len(colors)} dots apart on a {cfg.width}x{cfg.height} image")
+    targets = [s for s in placed if s.color == COLORS[target]]
+    scene = Scene(width=cfg.width, height=cfg.height, background=(150, 150, 150), shapes=tuple(placed))
+    task_id = f"count-{seed}-{index}"
+    return Task(
+        question=f"How many {target} dots are there? Answer with a number.",
+        answer=str(len(targets)),
+        images=(SyntheticImage(scene, name=f"task {task_id!r} image 0"),),
+        data_source=cfg.data_source,
+        env_name=cfg.env_name,
+        task_id=task_id,
+        gt_boxes=tuple(tuple(float(v) for v in t.box) for t in targets),
+        extra={"kind": "count", "color": target, "rgb": COLORS[target], "count": len(targets)},
+    )
+
+
 # --- the task source ---------------------------------------------------------------------------
 
-SYNTHETIC_KINDS = ("visual_search", "toy", "toy_zoom")
-AnyConfig = Union[VisualSearchConfig, ToyConfig]
+SYNTHETIC_KINDS = ("visual_search", "toy", "toy_zoom", "count")
+AnyConfig = Union[VisualSearchConfig, ToyConfig, CountConfig]
 
 
 class SyntheticTaskSource(IndexedTaskSource):
     """``n`` synthetic tasks generated on demand: task ``i`` depends only on (seed, i, config).
 
-    ``kind`` is "visual_search" (V*-like), "toy" or "toy_zoom"; keyword arguments set fields of the
-    kind's config (``VisualSearchConfig`` or ``ToyConfig``), e.g. ``width=3840, height=2160`` or
+    ``kind`` is "visual_search" (V*-like), "toy", "toy_zoom" or "count"; keyword arguments set fields of
+    the kind's config (``VisualSearchConfig``, ``ToyConfig`` or ``CountConfig``), e.g. ``width=3840, height=2160`` or
     ``difficulty=0.5``. The env uses one as its default source, so ``gym.make`` needs no data.
     """
 
@@ -551,6 +619,8 @@ class SyntheticTaskSource(IndexedTaskSource):
         if config is None:
             if kind == "visual_search":
                 config = VisualSearchConfig()
+            elif kind == "count":
+                config = CountConfig()
             else:
                 config = ToyConfig(kind="zoom" if kind == "toy_zoom" else "color")
         self.config = dataclasses.replace(config, **overrides) if overrides else config
@@ -561,4 +631,6 @@ class SyntheticTaskSource(IndexedTaskSource):
     def _get(self, index: int) -> Task:
         if isinstance(self.config, VisualSearchConfig):
             return visual_search_task(self.seed, index, self.config)
+        if isinstance(self.config, CountConfig):
+            return count_task(self.seed, index, self.config)
         return toy_task(self.seed, index, self.config)

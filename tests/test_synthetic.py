@@ -206,3 +206,52 @@ def test_bad_configs_are_rejected():
         ToyConfig(difficulty=2.0)
     with pytest.raises(TypeError):
         SyntheticTaskSource(1, not_a_field=3)
+
+
+# --- the counting family -------------------------------------------------------------------------
+
+
+def _components(mask: np.ndarray) -> int:
+    """4-connected regions of ``mask``, counted by flood fill (the test's own, not the demo agent's code)."""
+    seen, count = np.zeros_like(mask), 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        count, stack = count + 1, [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return count
+
+
+def test_counting_tasks_answer_the_number_of_separate_dots_of_the_asked_colour():
+    source = SyntheticTaskSource(20, seed=5, kind="count")
+    answers = set()
+    for i in range(len(source)):
+        task = source[i]
+        image = task.images[0].load()
+        color = task.extra["color"]
+        assert task.question == f"How many {color} dots are there? Answer with a number."
+        assert task.env_name == "visual_code" and task.data_source == "synthetic_count"
+        assert int(task.answer) == task.extra["count"] == len(task.gt_boxes) == _components(
+            np.all(image == COLORS[color], axis=-1))
+        for box in task.gt_boxes:  # each ground-truth box holds one whole dot of the colour
+            assert _colour_fraction(_box_slice(image, box), COLORS[color]) > 0.5
+        answers.add(task.answer)
+    assert len(answers) >= 5  # the count varies
+
+
+def test_counting_tasks_are_reproducible_and_configurable():
+    a, b = SyntheticTaskSource(3, seed=1, kind="count"), SyntheticTaskSource(3, seed=1, kind="count")
+    assert a[2].question == b[2].question and np.array_equal(a[2].images[0].load(), b[2].images[0].load())
+    assert SyntheticTaskSource(3, seed=2, kind="count")[2].images[0].load().tobytes() != a[2].images[0].load().tobytes()
+    small = SyntheticTaskSource(1, seed=0, kind="count", width=200, height=100, n_targets=(2, 2), n_others=(0, 0))[0]
+    assert small.answer == "2" and small.images[0].load().shape == (100, 200, 3)
+    with pytest.raises(ValueError, match="cannot place 40 dots"):
+        SyntheticTaskSource(1, kind="count", width=40, height=40, n_targets=(40, 40), n_others=(0, 0))[0]
+    with pytest.raises(ValueError, match="colors must be at least two"):
+        SyntheticTaskSource(1, kind="count", colors=("red",))

@@ -64,6 +64,9 @@ class Tool:
     def reset(self) -> None:
         """Forget per-episode state; called by the env at every reset."""
 
+    def close(self) -> None:
+        """Release what the tool holds (processes, connections); called by the env's ``close``."""
+
     @classmethod
     def schema(cls) -> dict[str, Any]:
         """The OpenAI/Qwen function schema that prompts advertise."""
