@@ -9,8 +9,9 @@ Families (``PERCEPTION_FAMILIES``):
 
 * ``color``: the colour of a square, from half the image down to a few pixels wide;
 * ``shape``: the kind of the one shape in the image (circle, square, triangle, diamond or star);
-* ``mark``: the colour of the plus sign among x marks in a black frame that fills most of a small image, so
-  the marks are big enough to read at the model's pixel budget (the toy zoom layout, zoomed in);
+* ``mark``: the colour of the plus sign among x marks in a black frame that fills most of a small image (a
+  margin of 9 to 13 px around the 44 px frame), so the marks are big enough to read at the model's pixel
+  budget: the toy zoom layout, as large in view as a zoom on the frame makes it;
 * ``locate``: where the black frame of a full-size toy zoom image is, as ``[x1, y1, x2, y2]`` in pixels of the
   image the model sees (its ``seen_size``), which is how Qwen2.5-VL grounds. The marks there are too small to
   read, and no question here asks for them: no family is answered only through a zoom.
@@ -27,6 +28,7 @@ from .synthetic import COLORS, TOY_COLORS, Scene, Shape, SyntheticImage, ToyConf
 from .tasks import Task
 
 PERCEPTION_FAMILIES = ("color", "shape", "mark", "locate")
+MARK_SIDE = 13  # px: the marks of configs/zoom_cpu.yaml's tasks, readable in a zoom on the frame, not in the full view
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "star")
 SeenSize = Callable[[int, int], tuple[int, int]]  # (width, height) of an image -> as the model sees it
 
@@ -39,13 +41,13 @@ def perception_task(seed: int, index: int, family: str, seen_size: SeenSize) -> 
         size = int(rng.choice([32, 56, 112, 224]))
         config = ToyConfig(kind="color", size=size, difficulty=float(rng.uniform(0.0, 0.8)))
         return _renamed(toy_task(sub_seed, index, config), family, seed, index)
-    if family == "mark":
-        size = int(rng.integers(52, 97))
-        config = ToyConfig(kind="zoom", size=size, frame_layout="random")
+    if family == "mark":  # the frame with a margin of 9..13 px: as large in view as in a zoom on it
+        config = ToyConfig(kind="zoom", size=44 + 2 * int(rng.integers(9, 14)), frame_layout="center",
+                           target_size=MARK_SIDE)
         return _renamed(toy_task(sub_seed, index, config), family, seed, index)
     if family == "locate":
         layout = str(rng.choice(["random", "quadrants", "center"]))
-        task = toy_task(sub_seed, index, ToyConfig(kind="zoom", frame_layout=layout))
+        task = toy_task(sub_seed, index, ToyConfig(kind="zoom", frame_layout=layout, target_size=MARK_SIDE))
         (x1, y1, x2, y2), = task.gt_boxes
         side = task.images[0].size[0]  # square toy images
         sw, sh = seen_size(side, side)

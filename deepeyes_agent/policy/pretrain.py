@@ -41,12 +41,10 @@ from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import image_part, message
 from deepeyes_envs.perception import PERCEPTION_FAMILIES, perception_tasks
 from deepeyes_envs.prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT
-from deepeyes_envs.scripted import answer_turn
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
-RECIPE_VERSION = 1
-ANSWER_THOUGHT = "I can see it."  # the thought of every answer turn, as in the direct-answer demonstrations
+RECIPE_VERSION = 2
 DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
 Progress = Callable[[str], None]
 
@@ -57,15 +55,21 @@ class PretrainSettings(Section):
     seed: int = setting(0, "Seed of the random model, its tokenizer, the data order and the perception tasks.")
     min_pixels: int = setting(3136, "Pixel budget the base is pretrained and saved with (56x56 px: 4 visual tokens).")
     max_pixels: int = setting(3136, "Upper pixel budget (equal to min_pixels: every image seen at one size).")
-    families: tuple[str, ...] = setting(PERCEPTION_FAMILIES, "Perception families (deepeyes_envs.perception).")
+    families: tuple[str, ...] = setting(PERCEPTION_FAMILIES, "Perception families of the words stage "
+                                                             "(deepeyes_envs.perception), in equal shares.")
+    eyes_families: tuple[str, ...] = setting(("mark", "mark", "mark", "shape", "shape", "color"),
+                                             "The eyes stage's mix, cycled: marks and shapes take the tiny tower "
+                                             "more examples than colours.")
     data_seed: int = setting(20_260_401, "Seed of the perception tasks, apart from every RL task seed.")
-    n_train: int = setting(3200, "Training questions, spread evenly over the families.")
-    n_test: int = setting(400, "Held-out questions for the model card.")
-    eyes_epochs: int = setting(3, "Passes of the eyes stage over its training images.")
+    n_eyes: int = setting(3000, "Training images of the eyes stage.")
+    n_train: int = setting(3200, "Training questions of the words stage.")
+    n_test: int = setting(400, "Held-out questions (each stage) for the model card.")
+    eyes_epochs: int = setting(6, "Passes of the eyes stage over its training images.")
     eyes_lr: float = setting(1e-3, "AdamW learning rate of the eyes stage.")
-    words_steps: int = setting(500, "Optimizer steps of the words stage (eyes frozen).")
+    words_steps: int = setting(300, "Optimizer steps of the words stage (eyes frozen).")
     words_lr: float = setting(2e-3, "AdamW learning rate of the words stage.")
-    batch_size: int = setting(32, "Questions per step in both stages.")
+    batch_size: int = setting(32, "Questions per step of the words stage.")
+    eyes_batch_size: int = setting(64, "Images per step of the eyes stage.")
 
     def key(self) -> str:
         blob = json.dumps({"recipe": RECIPE_VERSION, **self.model_dump(mode="json")}, sort_keys=True)
@@ -101,15 +105,20 @@ def build_pretrained_tiny(out: str | os.PathLike, settings: PretrainSettings, pr
     processor = load_processor(out)
     model = load_model(out)
     vision = VisionTokenizer(processor)
-    tasks = perception_tasks(settings.data_seed, settings.n_train + settings.n_test,
-                             lambda w, h: seen_size(w, h, vision.min_pixels, vision.max_pixels,
-                                                    vision.patch_size * vision.merge_size), settings.families)
-    train, test = tasks[:settings.n_train], tasks[settings.n_train:]
+
+    def tasks(seed_offset: int, n: int, families: Sequence[str]) -> tuple[list[Task], list[Task]]:
+        made = perception_tasks(settings.data_seed + seed_offset, n + settings.n_test,
+                                lambda w, h: seen_size(w, h, vision.min_pixels, vision.max_pixels,
+                                                       vision.patch_size * vision.merge_size), tuple(families))
+        return made[:n], made[n:]
+
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        eyes = train_eyes(model, processor, train, test, settings, generator, progress)
-        words = train_words(model, processor, train, test, settings, generator, progress)
+        eyes = train_eyes(model, processor, *tasks(0, settings.n_eyes, settings.eyes_families), settings,
+                          generator, progress)
+        words = train_words(model, processor, *tasks(1, settings.n_train, settings.families), settings, generator,
+                            progress)
     model.save_pretrained(out)
     report = {"settings": settings.model_dump(mode="json"), "recipe_version": RECIPE_VERSION,
               "eyes_accuracy": eyes, "answer_accuracy": words, "seconds": time.perf_counter() - start}
@@ -142,12 +151,12 @@ def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: S
     model.train()
     for epoch in range(settings.eyes_epochs):
         order = torch.randperm(len(train), generator=generator)
-        for batch in order.split(settings.batch_size):
+        for batch in order.split(settings.eyes_batch_size):
             loss = torch.nn.functional.cross_entropy(logits([train[i] for i in batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        progress(f"eyes epoch {epoch + 1}/{settings.eyes_epochs}: loss {float(loss):.3f}")
+        progress(f"eyes epoch {epoch + 1}/{settings.eyes_epochs}: loss {float(loss.detach()):.3f}")
     model.eval()
     with torch.no_grad():
         predicted = [words[int(i)] for b in range(0, len(test), 64) for i in logits(test[b:b + 64]).argmax(-1)]
@@ -169,6 +178,13 @@ def _image_encoder(processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> Ca
 
 
 # ------------------------------------------------------------------------------------------ stage 2: words
+def short_answer(answer: str) -> str:
+    """The answer turn of a perception question: the answer format alone, no thought. Thinking before acting is
+    what the cold start and RL teach; a base whose every answer began with the same thought would enter RL with
+    that thought's first token fixed, and the decision to zoom would start there at probability zero."""
+    return f"<answer>{answer}</answer>"
+
+
 def question_context(processor: QwenVLImageProcessor, task: Task, vision: VisionTokenizer) -> EpisodeContext:
     """A perception question as the plain (tool-free) prompt of the envs renders it."""
     image = task.load_images()[0]
@@ -185,7 +201,7 @@ def train_words(model: torch.nn.Module, processor: QwenVLImageProcessor, train: 
     episodes = []
     for task in train:
         ctx = question_context(processor, task, vision)
-        ctx.append_written(answer_turn(task.answer, ANSWER_THOUGHT), ends_turn=True)
+        ctx.append_written(short_answer(task.answer), ends_turn=True)
         episodes.append(ctx)
     model.model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,7 +217,7 @@ def train_words(model: torch.nn.Module, processor: QwenVLImageProcessor, train: 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if (step + 1) % 100 == 0 or step + 1 == settings.words_steps:
-            progress(f"words step {step + 1}/{settings.words_steps}: loss {float(loss):.3f}")
+            progress(f"words step {step + 1}/{settings.words_steps}: loss {float(loss.detach()):.3f}")
     model.model.visual.requires_grad_(True)
     model.eval()
     return _per_family(test, answer_hits(model, processor, test))
@@ -209,15 +225,15 @@ def train_words(model: torch.nn.Module, processor: QwenVLImageProcessor, train: 
 
 @torch.no_grad()
 def answer_hits(model: torch.nn.Module, processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> list[bool]:
-    """Whether greedy decoding would write each question's whole answer turn (thought, ``<answer>``, the right
-    answer, the end of turn): under teacher forcing, the most likely token is the answer turn's at every step."""
+    """Whether greedy decoding would write each question's whole answer turn (``<answer>``, the right answer, the
+    end of turn): under teacher forcing, the most likely token is the answer turn's at every step."""
     vision = VisionTokenizer(processor)
     hits = []
     for start in range(0, len(tasks), 64):
         contexts = []
         for task in tasks[start:start + 64]:
             ctx = question_context(processor, task, vision)
-            ctx.append_written(answer_turn(task.answer, ANSWER_THOUGHT), ends_turn=True)
+            ctx.append_written(short_answer(task.answer), ends_turn=True)
             contexts.append(ctx)
         batch = collate(contexts)
         logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
@@ -244,16 +260,15 @@ def model_card(report: dict) -> str:
 A 2-layer, 128-wide Qwen2.5-VL with a 2-block vision tower (built by `deepeyes_agent.policy.tiny`), pretrained
 offline by `deepeyes_agent.policy.pretrain` (recipe version {report['recipe_version']}, {report['seconds']:.0f} s).
 
-- **Data**: {s['n_train']} synthetic perception questions (`deepeyes_envs.perception`, seed {s['data_seed']}),
-  families {", ".join(s['families'])}; one image and one short answer each, no tool call anywhere, and no
-  family whose answer can only be read through a zoom.
+- **Data**: synthetic perception questions (`deepeyes_envs.perception`, seeds from {s['data_seed']}): one image
+  and one short answer each, no tool call anywhere, and no family whose answer can only be read through a zoom.
 - **Images**: seen at {s['min_pixels']}..{s['max_pixels']} pixels (the saved processor budget).
 - **Stage 1, eyes**: the vision tower and merger with a linear head on the mean of each image's visual tokens,
-  {s['eyes_epochs']} epochs at lr {s['eyes_lr']}, classifying the answer word (locate has no word and is left
-  out).
-- **Stage 2, words**: eyes frozen, the language model trained on the answer turn
-  (`<think>{ANSWER_THOUGHT}</think> <answer>...</answer>`), {s['words_steps']} steps of {s['batch_size']} at
-  lr {s['words_lr']}.
+  classifying the answer word of {s['n_eyes']} images ({", ".join(s['eyes_families'])}, cycled), {s['eyes_epochs']}
+  epochs at lr {s['eyes_lr']}.
+- **Stage 2, words**: eyes frozen, the language model trained on the answer turn (`<answer>...</answer>`) of
+  {s['n_train']} questions
+  ({", ".join(s['families'])}), {s['words_steps']} steps of {s['batch_size']} at lr {s['words_lr']}.
 
 Held-out accuracy ({s['n_test']} questions; answers greedy and exact):
 

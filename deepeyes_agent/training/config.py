@@ -23,8 +23,12 @@ __all__ = ["ConfigError", "TrainConfig", "describe", "load_config"]
 
 class ModelConfig(Section):
     path: str = setting("", "Local Hugging Face directory of the policy (Qwen2-VL / 2.5-VL / 3-VL). Never downloaded.")
-    build_tiny: bool = setting(False, "Build the tiny random Qwen2.5-VL into <run_dir>/tiny_model at start and use it "
-                                      "(CPU tests and the default run).")
+    build_tiny: bool = setting(False, "Use the tiny Qwen2.5-VL (CPU tests and the default run): built at start, see "
+                                      "model.tiny_base.")
+    tiny_base: Literal["random", "pretrained"] = setting(
+        "random", "With build_tiny: 'random' (random weights, built into <run_dir>/tiny_model) or 'pretrained' "
+                  "(pretrained on synthetic perception, never on tool calls: deepeyes_agent.policy.pretrain, cached "
+                  "by its settings under ~/.cache/deepeyes/tiny-bases, so only the first run pays its minutes).")
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Parameter dtype of the learner and the HF "
                                                                           "engine.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "transformers attention "
@@ -124,6 +128,9 @@ class OptimConfig(Section):
     eps: float = setting(1e-8, "AdamW epsilon.", gt=0.0)
     grad_clip: float = setting(1.0, "Global gradient-norm clip (DeepEyes: 1.0; 0: off).", ge=0.0)
     warmup_iterations: int = setting(0, "Linear learning-rate warm-up over this many iterations.", ge=0)
+    vision_lr_scale: float = setting(1.0, "Learning rate of the vision tower (patch embedding, blocks, merger) "
+                                          "relative to the rest, in SFT and RL; 0 freezes it (saved with the "
+                                          "optimizer's groups).", ge=0.0)
 
 
 class SFTConfig(Section):

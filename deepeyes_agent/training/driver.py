@@ -54,7 +54,11 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Create the run directory, build the tiny model if asked, and write the resolved config."""
     run_dir = cfg.run_dir.resolve()  # RLlib's checkpointing reads paths as URIs: relative ones fail
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.model.build_tiny:
+    if cfg.model.build_tiny and cfg.model.tiny_base == "pretrained":
+        from deepeyes_agent.policy.pretrain import pretrained_tiny_base
+
+        cfg.model.path = str(pretrained_tiny_base())
+    elif cfg.model.build_tiny:
         model_dir = run_dir / "tiny_model"
         if not (model_dir / "config.json").exists():
             from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl

@@ -96,13 +96,29 @@ class LLMLearner(TorchLearner):
 
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         optim = self.config.deepeyes.optim
+        if optim.vision_lr_scale == 0:  # frozen eyes: no gradients, nothing of the tower in the optimizer
+            self.model.model.visual.requires_grad_(False)
         if self.sharded and not getattr(self, "_fsdp_roots", None):
             self._shard_module()
-        params = self.get_parameters(self.module[module_id])
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+        groups = self.parameter_groups(optim.lr)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
-        self.register_optimizer(module_id=module_id, optimizer=optimizer, params=params,
-                                lr_or_lr_schedule=optim.lr)
+        self.register_optimizer(module_id=module_id, optimizer=optimizer,
+                                params=[p for g in groups for p in g["params"]], lr_or_lr_schedule=optim.lr)
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups: the vision tower (patch embedding, blocks and merger) at
+        ``optim.vision_lr_scale`` times the learning rate, everything else at it. The scale is stored in each
+        group (``lr_scale``), so it is saved with the optimizer in checkpoints and ``_step`` keeps applying it.
+
+        Why a scale of its own: Adam turns the tower's small gradients into full-size steps, so at a text
+        model's learning rate a pretrained tower is wiped within tens of steps (docs/training.md)."""
+        scale = self.config.deepeyes.optim.vision_lr_scale
+        vision = {id(p) for p in self.model.model.visual.parameters()}
+        trainable = self.trainable_parameters
+        groups = [{"params": [p for p in trainable if id(p) not in vision], "lr": lr, "lr_scale": 1.0},
+                  {"params": [p for p in trainable if id(p) in vision], "lr": lr * scale, "lr_scale": scale}]
+        return [g for g in groups if g["params"]]
 
     @property
     def model(self) -> torch.nn.Module:
@@ -193,7 +209,7 @@ class LLMLearner(TorchLearner):
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if math.isfinite(float(grad_norm)):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -259,9 +275,9 @@ class LLMLearner(TorchLearner):
     def sft_update(self, episodes: Sequence[PackedEpisode], normalizer: float, lr: float) -> dict[str, float]:
         """One supervised step on demonstrations (its own AdamW, so RL starts with a fresh optimizer state)."""
         run = self.config.deepeyes
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self._sft_optimizer is None:
-            self._sft_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if self._sft_optimizer is None:  # the same groups as RL: a frozen or slow tower stays so
+            self._sft_optimizer = torch.optim.AdamW(self.parameter_groups(lr), lr=lr, weight_decay=0.0)
+        params = [p for g in self._sft_optimizer.param_groups for p in g["params"]]
         self.model.train()
         self._clear_staged_state()
         totals: dict[str, float] = {}
