@@ -9,6 +9,7 @@ with real env crops, and the recorded logprobs must equal a training forward's.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,11 +19,11 @@ from test_chat_consistency import error_observation, first_messages, play, synth
 
 from deepeyes_agent.policy.__main__ import main as policy_cli
 from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer, collate
-from deepeyes_agent.policy.loading import load_policy
+from deepeyes_agent.policy.loading import load_policy, load_processor
 from deepeyes_agent.policy.logprobs import token_logprobs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
-from deepeyes_agent.rollout.loop import run_episodes
+from deepeyes_agent.rollout.loop import env_kwargs_for, run_episodes
 from deepeyes_agent.rollout.scripted import ScriptedActions, zoom_script
 from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import render_qwen
@@ -70,6 +71,20 @@ def test_token_counts_follow_the_32_pixel_seen_frame(qwen3_policy, width, height
     seen_w, seen_h = seen_size(width, height, vision.min_pixels, vision.max_pixels, factor=32)
     assert vision.image_grid(image) == (1, seen_h // 16, seen_w // 16)
     assert vision.encode(render_qwen(first_messages(image)), [image]).image_grid_thw == [(1, seen_h // 16, seen_w // 16)]
+
+
+def test_a_released_qwen3_vl_preprocessor_config_loads_with_its_geometry(tiny_qwen3_vl_dir, tmp_path) -> None:
+    """The layout Qwen3-VL checkpoints ship (budget only as ``size``, the fast class named): the env follows it."""
+    local = tmp_path / "released-layout"
+    shutil.copytree(tiny_qwen3_vl_dir, local)
+    (local / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}))
+    vision = VisionTokenizer(load_processor(local))
+    assert env_kwargs_for(vision) == {"min_pixels": 65536, "max_pixels": 16777216, "image_factor": 32}
+    assert list(vision.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    assert vision.image_grid(np.zeros((12, 2111, 3), np.uint8)) == (1, 2, 214)  # seen as 3424x32, as the env says
 
 
 def test_the_command_line_builds_it(tmp_path, capsys) -> None:
