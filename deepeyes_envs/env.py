@@ -51,7 +51,9 @@ from .tools import Tool, ToolContext, ToolError, make_tool
 logger = logging.getLogger(__name__)
 
 PROMPT_STYLES = ("deepeyes_v2", "dynamic", "plain")
-COORDINATE_FRAMES = ("original", "seen")
+# Where a box's numbers are measured: the original image's pixels (DeepEyes checkpoints), the pixels of
+# the image the model saw (Qwen2/2.5-VL), or thousandths of that image's width and height (Qwen3-VL).
+COORDINATE_FRAMES = ("original", "seen", "relative_1000")
 
 
 class ToolEnv(gym.Env):
@@ -174,7 +176,9 @@ class ToolEnv(gym.Env):
         if self.prompt_style == "plain" or not tools:
             return [message("system", prompts.PLAIN_SYSTEM_PROMPT),
                     message("user", image_part(self.images[0]), question + prompts.PLAIN_USER_PROMPT)]
-        system = prompts.dynamic_system_prompt(self._tools[t].schema() for t in self._advertised(task))
+        frame = self.coordinate_frame
+        system = prompts.dynamic_system_prompt((self._tools[t].schema_for_frame(frame) for t in self._advertised(task)),
+                                               frame)
         user_parts = [p for i, img in enumerate(self.images) for p in (self._image_label(i), image_part(img)) if p]
         return [message("system", system), message("user", *user_parts, question + self._user_prompt(task))]
 

@@ -107,6 +107,38 @@ def box_to_seen(
     return box_to_original(box, original_size, seen_size)
 
 
+RELATIVE_SCALE = 1000  # Qwen3-VL grounds in thousandths of the image it saw: 0..1000 on each axis
+
+
+def box_from_relative(
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+) -> tuple[float, float, float, float]:
+    """Map a box in thousandths of an image (the ``relative_1000`` frame) to that image's pixels.
+
+    ``size`` is the image's (width, height). The image a model sees is a resize of the whole image, so
+    thousandths of the seen image are thousandths of the image itself and no seen size is needed. Each
+    coordinate is ``v * side / 1000`` with the product first: for integer coordinates the product is
+    exact, so a coordinate that lands on a whole or half pixel maps to it exactly and the crop's rounding
+    never sees float noise.
+    """
+    width, height = size
+    x1, y1, x2, y2 = box
+    return (x1 * width / RELATIVE_SCALE, y1 * height / RELATIVE_SCALE,
+            x2 * width / RELATIVE_SCALE, y2 * height / RELATIVE_SCALE)
+
+
+def box_to_relative(
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+) -> tuple[float, float, float, float]:
+    """Inverse of :func:`box_from_relative`: a box in pixels of an image of ``size`` as thousandths of it."""
+    width, height = size
+    x1, y1, x2, y2 = box
+    return (x1 * RELATIVE_SCALE / width, y1 * RELATIVE_SCALE / height,
+            x2 * RELATIVE_SCALE / width, y2 * RELATIVE_SCALE / height)
+
+
 def seen_size(
     width: int,
     height: int,

@@ -41,10 +41,20 @@ PLAIN_SYSTEM_PROMPT = "You are a helpful assistant."
 PLAIN_USER_PROMPT = "\nThink first, then answer. Format strictly as:  <think>...</think>  <answer>...</answer> "
 
 
-def dynamic_system_prompt(tool_schemas: Iterable[dict]) -> str:
+# What the dynamic prompt says about coordinates, by the env's coordinate frame (pixels unless listed).
+PIXEL_COORDINATES_NOTE = "Pixel coordinates refer to the image as you see it."
+COORDINATE_NOTES = {
+    "relative_1000": "Box coordinates are thousandths of the image's width and height: 0 to 1000 on each axis, "
+                     "whatever the image's size.",
+}
+
+
+def dynamic_system_prompt(tool_schemas: Iterable[dict], coordinate_frame: str = "seen") -> str:
     """A system prompt listing the given tools, one JSON schema per line.
 
-    A newly registered tool appears here without anyone editing prompt text.
+    A newly registered tool appears here without anyone editing prompt text. ``coordinate_frame`` picks
+    the sentence that tells the model how boxes are measured, so a Qwen3-VL policy (thousandths) is not
+    told to write pixels.
     """
     schemas = list(tool_schemas)
     if not schemas:
@@ -63,7 +73,7 @@ def dynamic_system_prompt(tool_schemas: Iterable[dict]) -> str:
         '{"name": <function-name>, "arguments": <args-json-object>}\n'
         "</tool_call>\n"
         "Each result comes back in the next user turn inside <tool_response></tool_response> tags. "
-        "Pixel coordinates refer to the image as you see it.\n\n"
+        f"{COORDINATE_NOTES.get(coordinate_frame, PIXEL_COORDINATES_NOTE)}\n\n"
         f"For example:\n<tool_call>\n{json.dumps(example)}\n</tool_call>"
     )
 

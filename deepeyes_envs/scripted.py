@@ -10,11 +10,12 @@ answer comes from the code's output, never from the task's ground truth.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Generator, Mapping
 from typing import Any
 
-from .images import box_to_seen
+from .images import box_to_relative, box_to_seen
 from .tasks import Box, Task
 
 MIN_CROP_SIDE = 32  # the zoom tool rejects crops whose shorter side is 30 px or less
@@ -27,6 +28,23 @@ def padded_box(box: Box, width: int, height: int, margin: float = 0.25) -> Box:
     grow_y = max((y2 - y1) * margin, (MIN_CROP_SIDE - (y2 - y1)) / 2)
     return (max(0.0, x1 - grow_x), max(0.0, y1 - grow_y),
             min(float(width), x2 + grow_x), min(float(height), y2 + grow_y))
+
+
+def box_in_frame(box: Box, reset_info: Mapping[str, Any]) -> Box:
+    """``box``, in pixels of the task's first image, written in the frame the env reads (from its reset info).
+
+    ``"original"``: as it is; ``"seen"``: scaled to the image the model saw; ``"relative_1000"``: whole
+    thousandths, as a Qwen3-VL model writes them, rounded outwards so the box still holds everything it held
+    (and keeps the size the zoom tool requires). Float noise of the division is ignored in that rounding, so
+    a box at exactly 75% is 750, not 751.
+    """
+    frame, size = reset_info["coordinate_frame"], reset_info["image_size"]
+    if frame == "seen":
+        return box_to_seen(box, reset_info["seen_size"], size)
+    if frame == "relative_1000":
+        x1, y1, x2, y2 = box_to_relative(box, size)
+        return (math.floor(x1 + 1e-9), math.floor(y1 + 1e-9), math.ceil(x2 - 1e-9), math.ceil(y2 - 1e-9))
+    return box
 
 
 def zoom_turn(box: Box, thought: str = "The target is small; I will zoom in on it.") -> str:
@@ -48,10 +66,7 @@ def scripted_turns(task: Task, reset_info: Mapping[str, Any]) -> list[str]:
     width, height = reset_info["image_size"]
     turns = []
     for box in task.gt_boxes[: reset_info["max_turns"] - 1]:
-        box = padded_box(box, width, height)
-        if reset_info["coordinate_frame"] == "seen":
-            box = box_to_seen(box, reset_info["seen_size"], (width, height))
-        turns.append(zoom_turn(box))
+        turns.append(zoom_turn(box_in_frame(padded_box(box, width, height), reset_info)))
     turns.append(answer_turn(task.answer))
     return turns
 

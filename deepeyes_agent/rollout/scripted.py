@@ -16,8 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from deepeyes_envs.images import box_to_seen
-from deepeyes_envs.scripted import answer_turn, zoom_turn
+from deepeyes_envs.scripted import answer_turn, box_in_frame, zoom_turn
 from deepeyes_envs.tasks import Task
 
 # Zoom boxes as fractions of the original image: three crops of clearly different sizes and shapes.
@@ -35,10 +34,7 @@ def zoom_script(task: Task, reset_info: Mapping[str, Any],
     width, height = reset_info["image_size"]
     turns = []
     for fx1, fy1, fx2, fy2 in zooms:
-        box = (fx1 * width, fy1 * height, fx2 * width, fy2 * height)
-        if reset_info["coordinate_frame"] == "seen":
-            box = box_to_seen(box, reset_info["seen_size"], (width, height))
-        turns.append(zoom_turn(box))
+        turns.append(zoom_turn(box_in_frame((fx1 * width, fy1 * height, fx2 * width, fy2 * height), reset_info)))
     turns.append(answer_turn(task.answer if answer is None else answer))
     return turns
 

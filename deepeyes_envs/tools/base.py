@@ -38,9 +38,10 @@ class ToolContext:
     ``images[0]`` is the task's original image; later entries are images earlier tool calls
     returned. ``seen_sizes[i]`` is the (width, height) of ``images[i]`` as the model saw it after the
     processor's resize, so tools can read coordinates in that frame when ``coordinate_frame`` is
-    ``"seen"``. ``allow_image_index`` says whether a call may pick an image other than the original.
-    ``strict`` checks arguments with our messages; ``strict=False`` reads them as DeepEyes does (the
-    visual_toolbox_v2 env).
+    ``"seen"``; ``"relative_1000"`` means thousandths (0..1000) of the image's width and height, and
+    ``"original"`` the image's own pixels. ``allow_image_index`` says whether a call may pick an image
+    other than the original. ``strict`` checks arguments with our messages; ``strict=False`` reads them
+    as DeepEyes does (the visual_toolbox_v2 env).
     """
 
     images: list[np.ndarray]
@@ -72,6 +73,15 @@ class Tool:
         """The OpenAI/Qwen function schema that prompts advertise."""
         return {"type": "function", "function": {"name": cls.name, "description": cls.description,
                                                  "parameters": cls.parameters}}
+
+    @classmethod
+    def schema_for_frame(cls, coordinate_frame: str) -> dict[str, Any]:
+        """The schema a prompt advertises in an env that reads coordinates in ``coordinate_frame``.
+
+        Tools whose arguments hold coordinates override it to describe them in that frame (the zoom tool
+        says thousandths for ``relative_1000``); the default is :meth:`schema`.
+        """
+        return cls.schema()
 
     def __call__(self, arguments: Any, context: ToolContext) -> ToolResult:
         """Validate arguments against :attr:`parameters`, then execute.

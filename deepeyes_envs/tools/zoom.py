@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from ..images import box_to_original
+from ..images import RELATIVE_SCALE, box_from_relative, box_to_original
 from .base import Tool, ToolContext, ToolError, ToolResult, register_tool
 
 INVALID_ZOOM = "ZOOM IN ARGUMENTS ARE INVALID"  # DeepEyes' message, kept for compatibility
 MIN_SIDE = 30  # a crop's shorter side must exceed this many original pixels
 MAX_ASPECT = 100
+RELATIVE_BBOX_DESCRIPTION = (
+    f"Region to crop as [x1, y1, x2, y2] in thousandths of the image's width and height (0 to {RELATIVE_SCALE}, "
+    "whatever the image's size): top-left, then bottom-right corner."
+)
 
 
 @register_tool
@@ -40,6 +45,16 @@ class ZoomInTool(Tool):
         "required": ["bbox_2d"],
     }
 
+    @classmethod
+    def schema_for_frame(cls, coordinate_frame: str) -> dict[str, Any]:
+        """The schema with ``bbox_2d`` described in thousandths for ``relative_1000`` (pixels otherwise)."""
+        schema = cls.schema()
+        if coordinate_frame != "relative_1000":
+            return schema
+        schema = copy.deepcopy(schema)  # schema() shares the class's parameters dict
+        schema["function"]["parameters"]["properties"]["bbox_2d"]["description"] = RELATIVE_BBOX_DESCRIPTION
+        return schema
+
     def execute(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         index = self._image_index(arguments, context)
         image = context.images[index]
@@ -48,12 +63,16 @@ class ZoomInTool(Tool):
         box = given
         if context.coordinate_frame == "seen":
             box = box_to_original(tuple(float(v) for v in given), context.seen_sizes[index], (width, height))
+        elif context.coordinate_frame == "relative_1000":
+            _check_relative(given, context.strict)
+            box = box_from_relative(tuple(float(v) for v in given), (width, height))
         # DeepEyes' clamp, operands in its order: max(0, NaN) is 0 and min(width, NaN) is width, so a
         # NaN coordinate (which JSON parsing lets through in visual_toolbox_v2) becomes the image's edge.
         x1, y1, x2, y2 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
         reason = _invalid_reason(x1, y1, x2, y2)
         if reason:
-            detail = f": {given} clamped to the {width}x{height} image is {reason}" if context.strict else ""
+            read = "in thousandths of" if context.coordinate_frame == "relative_1000" else "clamped to"
+            detail = f": {given} {read} the {width}x{height} image is {reason}" if context.strict else ""
             raise ToolError(INVALID_ZOOM + detail)
         x1, y1, x2, y2 = (float(v) for v in (x1, y1, x2, y2))
         left, top, right, bottom = (round(v) for v in (x1, y1, x2, y2))  # as PIL's crop rounds a box
@@ -73,6 +92,23 @@ class ZoomInTool(Tool):
         if not 0 <= index < len(context.images):
             raise ToolError(f"image_index {index} does not exist; images 0 to {len(context.images) - 1} are available")
         return index
+
+
+def _check_relative(box: list, strict: bool) -> None:
+    """Refuse a box in thousandths that is off the 0..1000 range or inverted, before it becomes pixels.
+
+    The pixel frames clamp a box that runs off the image (DeepEyes' rule); here a coordinate above 1000
+    most likely means the model wrote pixels, so cropping a clamped box would answer a question it did
+    not ask. The DeepEyes size rules still apply afterwards, to the box in the image's pixels.
+    """
+    detail = ""
+    if not all(0 <= v <= RELATIVE_SCALE for v in box):  # also refuses NaN (visual_toolbox_v2's reading)
+        detail = (f": {box} has coordinates outside 0..{RELATIVE_SCALE}; boxes here are thousandths of the "
+                  f"image's width and height, from 0 to {RELATIVE_SCALE}")
+    elif not (box[0] < box[2] and box[1] < box[3]):
+        detail = f": {box} is inverted or empty; it needs x1 < x2 and y1 < y2"
+    if detail:
+        raise ToolError(INVALID_ZOOM + (detail if strict else ""))
 
 
 def _invalid_reason(x1: float, y1: float, x2: float, y2: float) -> str:
