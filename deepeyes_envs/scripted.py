@@ -47,27 +47,40 @@ def box_in_frame(box: Box, reset_info: Mapping[str, Any]) -> Box:
     return box
 
 
-def zoom_turn(box: Box, thought: str = "The target is small; I will zoom in on it.") -> str:
-    call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [round(v, 1) for v in box]}}
-    return f"<think>{thought}</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
+ZOOM_THOUGHT = "The target is small; I will zoom in on it."
+ANSWER_THOUGHT = "The zoomed view shows it clearly."
 
 
-def answer_turn(answer: str, thought: str = "The zoomed view shows it clearly.") -> str:
-    return f"<think>{thought}</think>\n<answer>{answer}</answer>"
+def zoom_turn(box: Box, thought: str | None = ZOOM_THOUGHT) -> str:
+    """A zoom call on ``box`` in whole numbers (as Qwen-VL models write boxes), after a thought unless ``thought``
+    is None. Rounded to the nearest: a padded box keeps its target inside, and the crop keeps its scale (in a
+    small seen frame, rounding outwards would add up to a frame pixel a side, several pixels of the original)."""
+    call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [round(v) for v in box]}}
+    return _thought(thought) + f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
 
 
-def scripted_turns(task: Task, reset_info: Mapping[str, Any]) -> list[str]:
+def answer_turn(answer: str, thought: str | None = ANSWER_THOUGHT) -> str:
+    return _thought(thought) + f"<answer>{answer}</answer>"
+
+
+def _thought(thought: str | None) -> str:
+    return f"<think>{thought}</think>\n" if thought is not None else ""
+
+
+def scripted_turns(task: Task, reset_info: Mapping[str, Any], *, thoughts: bool = True) -> list[str]:
     """The turns that solve an episode of ``task``: one zoom per ground-truth box, then the answer.
 
     ``reset_info`` is what the env's ``reset`` returned for it: boxes are written in the coordinate frame the
     env reads (``coordinate_frame``, ``image_size``, ``seen_size``), so this works for every env flavour, and
-    the zooms leave the last of ``max_turns`` for the answer.
+    the zooms leave the last of ``max_turns`` for the answer. ``thoughts=False`` leaves out the ``<think>``
+    parts: fewer tokens for a tiny model to learn to write.
     """
     width, height = reset_info["image_size"]
+    zoom, answer = (ZOOM_THOUGHT, ANSWER_THOUGHT) if thoughts else (None, None)
     turns = []
     for box in task.gt_boxes[: reset_info["max_turns"] - 1]:
-        turns.append(zoom_turn(box_in_frame(padded_box(box, width, height), reset_info)))
-    turns.append(answer_turn(task.answer))
+        turns.append(zoom_turn(box_in_frame(padded_box(box, width, height), reset_info), zoom))
+    turns.append(answer_turn(task.answer, answer))
     return turns
 
 

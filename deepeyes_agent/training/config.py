@@ -143,6 +143,8 @@ class SFTConfig(Section):
     zoom_fraction: float = setting(1.0, "With include_zoom: the seeded share of demonstrations that zoom; the rest "
                                         "answer directly (a low starting tool-call rate for RL to raise).",
                                    ge=0.0, le=1.0)
+    thoughts: bool = setting(True, "Demonstrations think (<think>...</think>) before each action, as DeepEyes' format "
+                                   "asks; false: the actions alone, fewer tokens for a tiny model to learn.")
 
 
 class ResourcesConfig(Section):

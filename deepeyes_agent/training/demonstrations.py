@@ -16,9 +16,11 @@ from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.scripted import answer_turn, scripted_turns
 from deepeyes_envs.tasks import Task
 
+DIRECT_THOUGHT = "I can see it."
+
 
 def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcessor, *, include_zoom: bool = True,
-                  max_total_tokens: int = 28672) -> EpisodeContext:
+                  max_total_tokens: int = 28672, thoughts: bool = True) -> EpisodeContext:
     """A scripted agent's episode on ``task`` as a token context (loss mask 1 on its turns, logprobs 0).
 
     The env is the one a rollout would play (``env.env_id``, or the one the task's ``env_name`` routes to, in
@@ -32,7 +34,10 @@ def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcesso
         obs, info = env.reset(options={"task": task})
         ctx = EpisodeContext(processor, obs["messages"], max_total_tokens=max_total_tokens, max_prompt_tokens=None,
                              vision=vision)
-        turns = scripted_turns(task, info) if include_zoom else [answer_turn(task.answer, "I can see it.")]
+        if include_zoom:
+            turns = scripted_turns(task, info, thoughts=thoughts)
+        else:
+            turns = [answer_turn(task.answer, DIRECT_THOUGHT if thoughts else None)]
         for text in turns:
             obs, _, terminated, truncated, _ = env.step(text)
             ctx.append_written(text, ends_turn=terminated or truncated)
@@ -45,12 +50,12 @@ def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcesso
 
 def demonstrations(tasks: Sequence[Task], env_cfg: EnvConfig, processor: QwenVLImageProcessor, *,
                    include_zoom: bool = True, max_total_tokens: int = 28672, zoom_fraction: float = 1.0,
-                   seed: int = 0) -> list[EpisodeContext]:
+                   seed: int = 0, thoughts: bool = True) -> list[EpisodeContext]:
     """Demonstrations of ``tasks``. With ``include_zoom``, a seeded ``zoom_fraction`` of them zoom then answer
     and the rest answer directly (a mix that leaves RL a low starting tool-call rate to raise)."""
     if not 0.0 <= zoom_fraction <= 1.0:
         raise ValueError(f"zoom_fraction must be within [0, 1], got {zoom_fraction}")
     n_zoom = round(zoom_fraction * len(tasks)) if include_zoom else 0
     zooms = set(np.random.default_rng([seed, 23]).permutation(len(tasks))[:n_zoom].tolist())
-    return [demonstration(t, env_cfg, processor, include_zoom=i in zooms, max_total_tokens=max_total_tokens)
-            for i, t in enumerate(tasks)]
+    return [demonstration(t, env_cfg, processor, include_zoom=i in zooms, max_total_tokens=max_total_tokens,
+                          thoughts=thoughts) for i, t in enumerate(tasks)]
