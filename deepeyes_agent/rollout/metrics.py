@@ -4,10 +4,13 @@
 - ``invalid_calls``: calls the env rejected (a bad box, an unknown tool, bad arguments) plus turns whose
   tool-call text could not be parsed at all (bad JSON): DeepEyes' ``ZOOM IN ARGUMENTS ARE INVALID`` family;
 - ``image_observations``: images the tools returned that made it into the model's context;
-- ``iou``: mean grounding IoU of the episode's zoom boxes against the ground-truth boxes (None without one).
+- ``iou``: mean grounding IoU of the episode's zoom boxes against the ground-truth boxes (None without one);
+- ``over_turn``: 1 when the episode ran out of turns (``max_turns``) rather than ending itself.
 
 Over a batch (:func:`batch_metrics`) every metric is a mean over episodes, plus ``tool_call_rate`` (the share
-of episodes with at least one tool call) and ``invalid_call_rate`` (invalid calls / calls).
+of episodes with at least one tool call), ``invalid_call_rate`` (invalid calls / calls), and the accuracy of the
+episodes that got a tool's image (``acc_with_tool``) beside that of the others (``acc_without_tool``): the control
+that says whether using the tool is what makes the answers right.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def episode_metrics(traj: Trajectory) -> dict[str, float | None]:
         "iou": sum(ious) / len(ious) if ious else None,
         "response_length": float(traj.n_generated_tokens), "turns": float(traj.n_turns),
         "truncated": float(traj.truncated), "tokens": float(len(traj.token_ids)),
+        "over_turn": float(traj.end_reason == "max_turns"),
     }
 
 
@@ -42,6 +46,8 @@ def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = 
     out[f"{prefix}tool_call_rate"] = _mean([float(e.get("tool_calls", 0.0) > 0) for e in episodes])
     calls = sum(e.get("tool_calls", 0.0) for e in episodes)
     out[f"{prefix}invalid_call_rate"] = sum(e.get("invalid_calls", 0.0) for e in episodes) / calls if calls else 0.0
+    out[f"{prefix}acc_with_tool"] = _mean([e["acc"] for e in episodes if e.get("image_observations", 0.0) > 0])
+    out[f"{prefix}acc_without_tool"] = _mean([e["acc"] for e in episodes if not e.get("image_observations", 0.0)])
     return out
 
 

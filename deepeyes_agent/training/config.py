@@ -119,6 +119,12 @@ class AlgoConfig(Section):
                                ge=1)
     micro_batch_size: int = setting(16, "Trajectories per forward/backward (gradient accumulation fills the rest).",
                                     ge=1)
+    dynamic_sampling: bool = setting(False, "Drop groups whose rollouts all scored the same (zero advantage: nothing "
+                                            "to learn) and sample more prompts to refill the batch (DAPO, Mini-o3).")
+    max_sample_rounds: int = setting(3, "With dynamic_sampling: sampling rounds per iteration at most; a batch still "
+                                        "short after them trains on the groups it has.", ge=1)
+    mask_over_turn: bool = setting(False, "Leave episodes cut off at max_turns out of the loss and of their group's "
+                                          "baseline instead of scoring them (Mini-o3's over-turn masking).")
 
 
 class OptimConfig(Section):
@@ -179,7 +185,13 @@ class LoggingConfig(Section):
     n_saved_trajectories: int = setting(8, "Trajectories saved each time.", ge=0)
     tensorboard: bool = setting(True, "Write TensorBoard scalars to <run_dir>/tb.")
     report: bool = setting(True, "Write report.md and PNG plots at the end.")
+    no_tool_control: bool = setting(False, "After the run, train the same config with the tools disabled (and "
+                                           "demonstrations that answer directly) into <run_dir>/no_tool; the report "
+                                           "sets its held-out curve beside the run's.")
     progress: bool = setting(True, "Show tqdm progress bars (SFT steps, iterations).")
+    collapse_share: float = setting(0.5, "Tool-call collapse alarm: warn when the tool-call rate stays below this "
+                                         "share of its running maximum ...", gt=0.0, lt=1.0)
+    collapse_patience: int = setting(3, "... for this many iterations in a row (0: no alarm).", ge=0)
 
 
 class TrainConfig(Section):

@@ -95,10 +95,45 @@ def save_samples(algo: Any, run_dir: Path, iteration: int) -> Path | None:
 
 # ------------------------------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> dict[str, Any]:
-    """Run (or resume) the training described by ``cfg``; returns the final held-out metrics and paths."""
+    """Run (or resume) the training described by ``cfg`` (and, with ``logging.no_tool_control``, the same run with
+    the tools disabled, after it); returns the final held-out metrics and paths."""
     import ray
+
+    started_ray = start_ray(cfg, address)
+    try:
+        result = _run(cfg, echo)
+        control = None
+        if cfg.logging.no_tool_control:
+            variant = no_tool_variant(cfg)
+            echo(f"control: the same run with the tools disabled, into {variant.run_dir}")
+            control = _run(variant, lambda line: echo(f"[no tool] {line}"))
+            result["control"] = control
+        if cfg.logging.report:
+            from deepeyes_agent.training.run_report import write_report
+
+            result["report"] = str(write_report(result["run_dir"], cfg.to_dict(),
+                                                control_dir=control["run_dir"] if control else None))
+            echo(f"report: {result['report']}")
+        return result
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def no_tool_variant(cfg: TrainConfig) -> TrainConfig:
+    """The control of a tool run: the same settings with no tool to call (an env call is answered with an error),
+    demonstrations that answer directly, and a run directory of its own beside the run's."""
+    data = cfg.to_dict()
+    data["name"] = f"{cfg.name}_no_tool"
+    data["env"]["kwargs"] = {**cfg.env.kwargs, "tools": []}
+    data["sft"]["include_zoom"] = False
+    data["logging"].update(run_dir=str(cfg.run_dir.resolve() / "no_tool"), no_tool_control=False, report=False)
+    return TrainConfig.model_validate(data)
+
+
+def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
+    """One run: build, resume, warm-start, train with held-out evaluations, save what it learned."""
     import torch
-    from tqdm import tqdm
 
     from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
@@ -106,9 +141,7 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
     torch.set_num_threads(cfg.resources.torch_threads)
     torch.manual_seed(cfg.seed)
     run_dir = prepare_run_dir(cfg)
-    started_ray = start_ray(cfg, address)
-    algo = None
-    log = None
+    algo = log = None
     try:
         t0 = time.perf_counter()
         algo = DeepEyesConfig.from_run_config(cfg).build_algo()
@@ -119,61 +152,78 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
         start = algo.iteration
         log = RunLog(run_dir, cfg.logging.tensorboard, resume_iteration=start if checkpoint is not None else None)
         echo(f"run dir {run_dir} | built in {time.perf_counter() - t0:.1f} s | iterations {start}..{cfg.iterations}")
-
-        if not algo.sft_done:
-            with tqdm(total=cfg.sft.steps, desc="SFT warm start", unit="step", disable=not cfg.logging.progress,
-                      dynamic_ncols=True) as sft_bar:
-                def sft_progress(record: dict[str, float]) -> None:
-                    sft_bar.update(1)
-                    sft_bar.set_postfix(nll=f"{record['sft_nll']:.3f}")
-
-                history = algo.run_sft(progress=sft_progress)
-            for rec in history:
-                log.log(0, rec, kind="sft")
-            if history:
-                echo(f"SFT warm start: {len(history)} steps, NLL {history[0]['sft_nll']:.3f} -> "
-                     f"{history[-1]['sft_nll']:.3f}")
+        _warm_start(algo, cfg, log, echo)
         if start == 0 and cfg.logging.eval_every:
-            evaluation = algo.evaluate_heldout()
-            log.log(0, evaluation, kind="eval")
+            evaluation = _evaluate(algo, cfg, log, run_dir, 0)
             echo(format_line(0, cfg.iterations, {f"eval/{k}": v for k, v in evaluation.items()}))
             save_checkpoint(algo, run_dir, 0, cfg.logging.keep_checkpoints)
-
-        bar = tqdm(total=cfg.iterations, initial=start, desc="iterations", unit="it",
-                   disable=not cfg.logging.progress, dynamic_ncols=True)
-        for iteration in range(start + 1, cfg.iterations + 1):
-            algo.train()
-            metrics = dict(algo.last_metrics)
-            log.log(iteration, metrics, kind="train")
-            if algo.last_samples:
-                save_samples(algo, run_dir, iteration)
-            shown = dict(metrics)
-            last = iteration == cfg.iterations
-            if cfg.logging.eval_every and (iteration % cfg.logging.eval_every == 0 or last):
-                evaluation = algo.evaluate_heldout()
-                log.log(iteration, evaluation, kind="eval")
-                shown.update({f"eval/{k}": v for k, v in evaluation.items()})
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward', 0):+.2f}", acc=f"{metrics.get('acc', 0):.2f}")
-            (bar.write if cfg.logging.progress else echo)(format_line(iteration, cfg.iterations, shown))
-            if iteration % cfg.logging.checkpoint_every == 0 or last:
-                save_checkpoint(algo, run_dir, iteration, cfg.logging.keep_checkpoints)
-        bar.close()
-        report = None
-        if cfg.logging.report:
-            from deepeyes_agent.training.run_report import write_report
-
-            report = write_report(run_dir, cfg.to_dict())
-            echo(f"report: {report}")
+        _iterations(algo, cfg, log, run_dir, start, echo)
         from deepeyes_agent.training.run_log import read_metrics
 
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
-        return {"run_dir": str(run_dir), "report": str(report) if report else None,
-                "first_eval": evals[0] if evals else {}, "last_eval": evals[-1] if evals else {}}
+        return {"run_dir": str(run_dir), "first_eval": evals[0] if evals else {},
+                "last_eval": evals[-1] if evals else {}}
     finally:
         if log is not None:
             log.close()
         if algo is not None:
             algo.stop()
-        if started_ray:
-            ray.shutdown()
+
+
+def _warm_start(algo: Any, cfg: TrainConfig, log: RunLog, echo: Any) -> None:
+    """The SFT warm start on scripted demonstrations, once per run (a resumed run has it in its checkpoint)."""
+    if algo.sft_done:
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=cfg.sft.steps, desc="SFT warm start", unit="step", disable=not cfg.logging.progress,
+              dynamic_ncols=True) as sft_bar:
+        def sft_progress(record: dict[str, float]) -> None:
+            sft_bar.update(1)
+            sft_bar.set_postfix(nll=f"{record['sft_nll']:.3f}")
+
+        history = algo.run_sft(progress=sft_progress)
+    for rec in history:
+        log.log(0, rec, kind="sft")
+    if history:
+        echo(f"SFT warm start: {len(history)} steps, NLL {history[0]['sft_nll']:.3f} -> {history[-1]['sft_nll']:.3f}")
+
+
+def _evaluate(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, iteration: int) -> dict[str, float]:
+    """Held-out evaluation, logged; its sample trajectories saved (``trajectories/eval_N``) for the report."""
+    evaluation = algo.evaluate_heldout(keep=cfg.logging.n_saved_trajectories)
+    log.log(iteration, evaluation, kind="eval")
+    if algo.last_eval_samples:
+        from deepeyes_agent.rollout.trajectory import save_trajectories
+
+        save_trajectories(algo.last_eval_samples, run_dir / "trajectories" / f"eval_{iteration}")
+    return evaluation
+
+
+def _iterations(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, start: int, echo: Any) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.iterations, initial=start, desc="iterations", unit="it", disable=not cfg.logging.progress,
+               dynamic_ncols=True)
+    write = bar.write if cfg.logging.progress else echo
+    for iteration in range(start + 1, cfg.iterations + 1):
+        algo.train()
+        metrics = dict(algo.last_metrics)
+        log.log(iteration, metrics, kind="train")
+        if algo.last_samples:
+            save_samples(algo, run_dir, iteration)
+        shown = dict(metrics)
+        last = iteration == cfg.iterations
+        if cfg.logging.eval_every and (iteration % cfg.logging.eval_every == 0 or last):
+            evaluation = _evaluate(algo, cfg, log, run_dir, iteration)
+            shown.update({f"eval/{k}": v for k, v in evaluation.items()})
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics.get('reward', 0):+.2f}", acc=f"{metrics.get('acc', 0):.2f}")
+        write(format_line(iteration, cfg.iterations, shown))
+        if metrics.get("health/tool_collapse"):
+            write(f"WARNING: tool-call collapse: the tool-call rate {metrics['tool_call_rate']:.2f} has stayed below "
+                  f"{cfg.logging.collapse_share:.0%} of its best ({algo.collapse_alarm.best:.2f}) for "
+                  f"{algo.collapse_alarm.low_streak} iterations")
+        if iteration % cfg.logging.checkpoint_every == 0 or last:
+            save_checkpoint(algo, run_dir, iteration, cfg.logging.keep_checkpoints)
+    bar.close()

@@ -14,7 +14,8 @@ from typing import Any
 
 LINE_KEYS = (("reward", "reward {:+.3f}"), ("acc", "acc {:.2f}"), ("tool_call_rate", "tool {:.2f}"),
              ("format_error", "fmt-err {:.2f}"), ("response_length", "len {:.0f}"), ("entropy", "H {:.2f}"),
-             ("grad_norm", "|g| {:.2f}"), ("eval/acc", "eval-acc {:.2f}"), ("eval/tool_call_rate", "eval-tool {:.2f}"))
+             ("grad_norm", "|g| {:.2f}"), ("eval/acc", "eval-acc {:.2f}"), ("eval/tool_call_rate", "eval-tool {:.2f}"),
+             ("health/dropped_groups", "dropped {:.0f}"))
 
 
 def format_line(iteration: int, total: int, metrics: dict[str, Any]) -> str:
@@ -27,7 +28,7 @@ def format_line(iteration: int, total: int, metrics: dict[str, Any]) -> str:
     t = {k: metrics.get(f"time/{k}_s") for k in ("rollout", "update", "weight_sync")}
     if t["rollout"] is not None:
         total_s = sum(v for v in t.values() if v)
-        parts.append(f"{total_s:.1f} s (rollout {t['rollout']:.1f}, update {t['update']:.1f})")
+        parts.append(f"{total_s:.1f} s (rollout {t['rollout']:.1f}, update {t['update'] or 0.0:.1f})")
     return " | ".join(parts)
 
 

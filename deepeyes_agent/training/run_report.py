@@ -1,4 +1,10 @@
-"""The end-of-run report: report.md with the headline numbers and PNG plots of the main curves."""
+"""The end-of-run report: report.md with the headline numbers, the controls and PNG plots of the main curves.
+
+For a tool run the headline is whether using the tool is what made the answers right, so the report puts the
+controls beside the curves: the accuracy of episodes that got a tool's image against those that did not, the
+zoom boxes' IoU with the ground truth over iterations, the same run with the tools disabled (when
+``logging.no_tool_control`` trained it), and one learned held-out episode as an HTML transcript with its box drawn.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,21 @@ from typing import Any
 
 from deepeyes_agent.training.run_log import read_metrics
 
-PLOTS = (
-    ("reward.png", "Reward", [("train", "reward"), ("eval", "reward")]),
-    ("accuracy.png", "Accuracy", [("train", "acc"), ("eval", "acc")]),
-    ("tool_calls.png", "Tool-call rate", [("train", "tool_call_rate"), ("eval", "tool_call_rate")]),
-    ("response_length.png", "Response length (tokens)", [("train", "response_length")]),
-    ("entropy.png", "Entropy", [("train", "entropy")]),
-    ("timing.png", "Seconds per iteration", [("train", "time/rollout_s"), ("train", "time/update_s"),
-                                             ("train", "time/weight_sync_s")]),
+Line = tuple[str, str, str]  # (which run: "run" or "control", record kind, metric)
+PLOTS: tuple[tuple[str, str, list[Line]], ...] = (
+    ("accuracy.png", "Held-out accuracy (greedy)", [("run", "eval", "acc"), ("control", "eval", "acc")]),
+    ("tool_calls.png", "Tool-call rate", [("run", "train", "tool_call_rate"), ("run", "eval", "tool_call_rate")]),
+    ("accuracy_by_tool.png", "Held-out accuracy by tool use", [("run", "eval", "acc_with_tool"),
+                                                                 ("run", "eval", "acc_without_tool")]),
+    ("iou.png", "Zoom-box IoU with the ground truth", [("run", "train", "iou"), ("run", "eval", "iou")]),
+    ("reward.png", "Reward", [("run", "train", "reward"), ("run", "eval", "reward"), ("control", "train", "reward")]),
+    ("response_length.png", "Response length (tokens)", [("run", "train", "response_length")]),
+    ("entropy.png", "Entropy", [("run", "train", "entropy")]),
+    ("timing.png", "Seconds per iteration", [("run", "train", "time/rollout_s"), ("run", "train", "time/update_s"),
+                                             ("run", "train", "time/weight_sync_s")]),
 )
+HEADLINE = (("acc", "accuracy"), ("tool_call_rate", "tool-call rate"), ("acc_with_tool", "accuracy with the tool"),
+            ("acc_without_tool", "accuracy without"), ("iou", "zoom IoU"), ("reward", "reward"))
 
 
 def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -29,25 +41,77 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
     return xs, ys
 
 
-def write_report(run_dir: str | Path, config: dict[str, Any] | None = None) -> Path:
-    """Write ``report.md`` and the plots under ``run_dir/report/``; returns the report path."""
+def write_report(run_dir: str | Path, config: dict[str, Any] | None = None,
+                 control_dir: str | Path | None = None) -> Path:
+    """Write ``report.md``, the plots and the transcript under ``run_dir/report/``; returns the report path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"run": read_metrics(run_dir), "control": read_metrics(control_dir) if control_dir else []}
+    images = _plots(runs, out)
+    lines = [f"# Run report: {run_dir.name}", ""]
+    lines += _headline(runs)
+    train = [r for r in runs["run"] if r.get("kind") == "train"]
+    sft = [r for r in runs["run"] if r.get("kind") == "sft"]
+    if sft:
+        lines += [f"SFT warm start: {len(sft)} steps, final NLL {sft[-1].get('sft_nll', float('nan')):.3f}.", ""]
+    if train:
+        seconds = sum(sum((r.get(f"time/{k}_s") or 0.0) for k in ("rollout", "update", "weight_sync")) for r in train)
+        lines += [f"{len(train)} RL iterations in {seconds:.0f} s ({seconds / len(train):.1f} s each on average).", ""]
+        alarms = [r["iteration"] for r in train if r.get("health/tool_collapse")]
+        if alarms:
+            lines += [f"Tool-call collapse alarm at iterations {alarms}.", ""]
+    transcript = _transcript(run_dir, out)
+    if transcript:
+        lines += [f"A learned held-out episode: [{transcript}]({transcript}) (its first image with the zoom box "
+                  "drawn).", ""]
+    lines += [f"![{name}]({name})" for name in images]
+    if config:
+        import yaml
+
+        lines += ["", "## Config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```"]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _headline(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Held-out numbers at the first and last evaluation, and the control's last, as a table."""
+    evals = [r for r in runs["run"] if r.get("kind") == "eval"]
+    if not evals:
+        return []
+    rows = [("start", evals[0]), ("end", evals[-1])]
+    control = [r for r in runs["control"] if r.get("kind") == "eval"]
+    if control:
+        rows.append(("end, tools disabled (control)", control[-1]))
+    lines = ["## Held-out evaluation", "", "| | iteration | " + " | ".join(h for _, h in HEADLINE) + " |",
+             "|---|---|" + "---|" * len(HEADLINE)]
+    for label, record in rows:
+        cells = [_cell(record.get(key)) for key, _ in HEADLINE]
+        lines.append(f"| {label} | {record['iteration']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(run_dir)
     images = []
     for name, title, lines in PLOTS:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         drawn = False
-        for kind, key in lines:
-            xs, ys = _series(records, kind, key)
+        for which, kind, key in lines:
+            xs, ys = _series(runs[which], kind, key)
             if xs:
-                ax.plot(xs, ys, marker="o" if kind == "eval" else None, markersize=3, label=f"{kind} {key}")
+                label = f"{kind} {key}" + (" (tools disabled)" if which == "control" else "")
+                ax.plot(xs, ys, marker="o" if kind == "eval" else None, markersize=3, label=label,
+                        linestyle="--" if which == "control" else "-")
                 drawn = True
         if not drawn:
             plt.close(fig)
@@ -60,30 +124,19 @@ def write_report(run_dir: str | Path, config: dict[str, Any] | None = None) -> P
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         images.append(name)
+    return images
 
-    evals = [r for r in records if r.get("kind") == "eval"]
-    lines = [f"# Run report: {run_dir.name}", ""]
-    if evals:
-        first, last = evals[0], evals[-1]
-        lines += ["## Held-out evaluation", "", "| | iteration | accuracy | tool-call rate | reward |",
-                  "|---|---|---|---|---|"]
-        for label, r in (("start", first), ("end", last)):
-            lines.append(f"| {label} | {r['iteration']} | {r.get('acc', float('nan')):.3f} | "
-                         f"{r.get('tool_call_rate', float('nan')):.3f} | {r.get('reward', float('nan')):.3f} |")
-        lines.append("")
-    sft = [r for r in records if r.get("kind") == "sft"]
-    if sft:
-        lines += [f"SFT warm start: {len(sft)} steps, final NLL {sft[-1].get('sft_nll', float('nan')):.3f}.", ""]
-    train = [r for r in records if r.get("kind") == "train"]
-    if train:
-        mean_t = sum(sum((r.get(f"time/{k}_s") or 0.0) for k in ("rollout", "update", "weight_sync"))
-                     for r in train) / len(train)
-        lines += [f"{len(train)} RL iterations, {mean_t:.1f} s each on average.", ""]
-    lines += [f"![{name}]({name})" for name in images]
-    if config:
-        import yaml
 
-        lines += ["", "## Config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```"]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def _transcript(run_dir: Path, out: Path) -> str | None:
+    """``transcript.html``: the last evaluation's first episode that got a tool's image and answered right."""
+    folders = sorted((run_dir / "trajectories").glob("eval_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not folders:
+        return None
+    from deepeyes_agent.rollout.trajectory import load_trajectories
+    from deepeyes_agent.rollout.trajectory_html import trajectory_html
+
+    learned = [t for t in load_trajectories(folders[-1]) if t.n_image_observations and t.acc == 1.0]
+    if not learned:
+        return None
+    (out / "transcript.html").write_text(trajectory_html(learned[0]), encoding="utf-8")
+    return "transcript.html"

@@ -35,6 +35,7 @@ from deepeyes_agent.rollout.metrics import batch_metrics
 from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
 from deepeyes_agent.training.config import TrainConfig
 from deepeyes_agent.training.demonstrations import demonstrations
+from deepeyes_agent.training.health import CollapseAlarm, informative_groups, without_over_turn
 from deepeyes_agent.training.losses import token_count
 from deepeyes_agent.training.masked import masked_var
 from deepeyes_agent.training.rllib.env_runner import LLMEnvRunner, RunnerBatch
@@ -130,6 +131,8 @@ class DeepEyesAlgorithm(Algorithm):
         self.last_metrics: dict[str, Any] = {}
         self.last_samples: list[Any] = []
         self.restored_env_runners = 0  # env runners brought back after a failure, over the run
+        self.collapse_alarm = CollapseAlarm(run.logging.collapse_share, max(1, run.logging.collapse_patience))
+        self.last_eval_samples: list[Any] = []
         self.sync_policy_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
@@ -158,7 +161,8 @@ class DeepEyesAlgorithm(Algorithm):
         return restored
 
     def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
-                        temperature: float | None = None, seed: int = 0, keep: int = 0) -> list[RunnerBatch]:
+                        temperature: float | None = None, seed: int = 0, keep: int = 0,
+                        group_base: int = 0) -> list[RunnerBatch]:
         """Play the tasks on the env runners (split evenly across the healthy ones); one result per runner.
 
         Each task's rollouts stay on one runner, so a GRPO group is never split; a runner that fails
@@ -166,12 +170,13 @@ class DeepEyesAlgorithm(Algorithm):
         """
         kwargs = {"split": split, "n_per_task": n_per_task, "temperature": temperature}
         if self.env_runner is not None:  # local mode
-            return [self.env_runner.sample(task_indices=list(task_indices), seed=seed, keep=keep, **kwargs)]
+            return [self.env_runner.sample(task_indices=list(task_indices), seed=seed, keep=keep,
+                                           group_offset=group_base, **kwargs)]
         ids = self.env_runner_group.healthy_env_runner_ids()
         if not ids:
             raise RuntimeError("no healthy env runner left")
         shares = split_even(list(task_indices), len(ids))
-        calls, offset = [], 0
+        calls, offset = [], group_base
         for k, share in enumerate(shares):
             calls.append({**kwargs, "task_indices": share, "seed": seed + 7919 * k, "group_offset": offset,
                           "keep": keep if k == 0 else 0})
@@ -219,6 +224,42 @@ class DeepEyesAlgorithm(Algorithm):
         total["optimizer_steps"] = results[0]["optimizer_steps"]
         return total
 
+    def collect_batch(self, iteration: int, keep: int) -> tuple[list[PackedEpisode], list[RunnerBatch], dict]:
+        """Sample the iteration's episodes: ``prompts_per_iteration`` tasks, ``rollouts_per_prompt`` rollouts each.
+
+        With ``algorithm.mask_over_turn`` episodes that ran out of turns are left out; with
+        ``algorithm.dynamic_sampling`` groups without a reward difference are dropped and more tasks sampled, up to
+        ``max_sample_rounds`` rounds. Returns the episodes to learn from, every runner's batch, and counts.
+        """
+        run = self.config.deepeyes
+        algo, wanted = run.algorithm, run.rollout.prompts_per_iteration
+        kept: list[PackedEpisode] = []
+        results: list[RunnerBatch] = []
+        stats: dict[str, float] = {}
+        mix: list[int] = []
+        for rounds in range(algo.max_sample_rounds if algo.dynamic_sampling else 1):
+            have = len({e.group_id for e in kept})
+            if have >= wanted:
+                break
+            indices = self.schedule.take(wanted - have)
+            mix += indices
+            batch = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
+                                         seed=run.seed * 1_000_003 + iteration * 101 + rounds * 7919,
+                                         keep=keep if rounds == 0 else 0, group_base=rounds * wanted)
+            results += batch
+            episodes = [e for r in batch for e in r.episodes]
+            if algo.mask_over_turn:
+                episodes, masked = without_over_turn(episodes)
+                stats["health/over_turn_masked"] = stats.get("health/over_turn_masked", 0.0) + masked
+            if algo.dynamic_sampling:
+                episodes, dropped = informative_groups(episodes)
+                stats["health/dropped_groups"] = stats.get("health/dropped_groups", 0.0) + dropped
+                stats["health/sample_rounds"] = float(rounds + 1)
+            kept += episodes
+        if isinstance(self.schedule, MixedSchedule):
+            stats["data/agentic_share"] = self.schedule.agentic_share(mix)
+        return kept, results, stats
+
     def current_lr(self) -> float:
         optim = self.config.deepeyes.optim
         if optim.warmup_iterations > 0:
@@ -232,37 +273,36 @@ class DeepEyesAlgorithm(Algorithm):
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        indices = self.schedule.take(run.rollout.prompts_per_iteration)
-        mix = {"data/agentic_share": self.schedule.agentic_share(indices)} if isinstance(self.schedule,
-                                                                                         MixedSchedule) else {}
         keep = run.logging.n_saved_trajectories if (
             run.logging.save_trajectories_every and (iteration + 1) % run.logging.save_trajectories_every == 0) else 0
-        results = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
-                                       seed=run.seed * 1_000_003 + iteration * 101, keep=keep)
-        episodes = [e for r in results for e in r.episodes]
+        episodes, results, batch_stats = self.collect_batch(iteration, keep)
         timings["rollout_s"] = time.perf_counter() - start
         timings["judge_s"] = max((r.timings.get("judge_s", 0.0) for r in results), default=0.0)
         timings["generate_s"] = max((r.timings.get("generate_s", 0.0) for r in results), default=0.0)
-        if not episodes:
+        played = [e for r in results for e in r.episodes]
+        if not played:
             raise RuntimeError("no episodes came back from the env runners")
 
-        start = time.perf_counter()
-        ppo = run.algorithm.advantage == "gae"
-        if ppo:
-            self.attach_old_values(episodes)
-            timings["values_s"] = time.perf_counter() - start
-        assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
-                          gamma=run.algorithm.gamma, lam=run.algorithm.lam)
-        start = time.perf_counter()
         lr = self.current_lr()
-        stats = self.update_policy(episodes, lr)
-        timings["update_s"] = time.perf_counter() - start
-        timings["weight_sync_s"] = self.sync_policy_weights()
+        ppo = run.algorithm.advantage == "gae"
+        stats: dict[str, float] = {}
+        if episodes:  # else every group was dropped or masked: nothing to learn from this time
+            start = time.perf_counter()
+            if ppo:
+                self.attach_old_values(episodes)
+                timings["values_s"] = time.perf_counter() - start
+            assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
+                              gamma=run.algorithm.gamma, lam=run.algorithm.lam)
+            start = time.perf_counter()
+            stats = self.update_policy(episodes, lr)
+            timings["update_s"] = time.perf_counter() - start
+            timings["weight_sync_s"] = self.sync_policy_weights()
 
         tokens = max(1.0, stats.get("tokens", 0.0))
         all_tokens = float(sum(len(e) for e in episodes))
         metrics: dict[str, Any] = {
-            **batch_metrics([e.metrics for e in episodes]),
+            **batch_metrics([e.metrics for e in played]),  # what the policy did, before any episode was left out
+            **batch_stats,
             "episodes": float(len(episodes)),
             "pg_loss": stats.get("pg_loss", 0.0) / tokens,
             "entropy": stats.get("entropy_sum", 0.0) / tokens,
@@ -273,15 +313,16 @@ class DeepEyesAlgorithm(Algorithm):
             "kl": stats.get("kl_sum", 0.0) / tokens if "kl_sum" in stats else 0.0,
             "grad_norm": stats.get("grad_norm", 0.0),
             "lr": lr,
-            "learner_tokens_per_s": all_tokens * run.algorithm.epochs / max(timings["update_s"], 1e-9),
+            "learner_tokens_per_s": all_tokens * run.algorithm.epochs / max(timings.get("update_s", 0.0), 1e-9),
             "rollout_tokens_per_s": sum(r.timings.get("generated_tokens", 0.0) for r in results)
             / max(timings["rollout_s"], 1e-9),
             "env_runners": float(len(results)),
             "env_runner_restarts": float(self.restored_env_runners),
             **{f"time/{k}": v for k, v in timings.items()},
-            **mix,
         }
-        if ppo:
+        if run.logging.collapse_patience:
+            metrics["health/tool_collapse"] = float(self.collapse_alarm.update(metrics["tool_call_rate"]))
+        if ppo and episodes:
             metrics.update({
                 "value_loss": stats.get("value_loss", 0.0) / tokens,
                 "vf_clip_fraction": stats.get("vf_clip_fraction_sum", 0.0) / tokens,
@@ -301,14 +342,16 @@ class DeepEyesAlgorithm(Algorithm):
         self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
 
     # ------------------------------------------------------------------ evaluation and SFT
-    def evaluate_heldout(self, n_tasks: int | None = None) -> dict[str, float]:
-        """Play the held-out tasks once each at ``rollout.eval_temperature``; accuracy, tool-call rate, ..."""
+    def evaluate_heldout(self, n_tasks: int | None = None, keep: int = 0) -> dict[str, float]:
+        """Play the held-out tasks once each at ``rollout.eval_temperature``; accuracy, tool-call rate, ...
+        The first ``keep`` trajectories are kept in ``last_eval_samples`` (the report shows one)."""
         run = self.config.deepeyes
         n = min(self.n_eval_tasks, n_tasks or self.n_eval_tasks)
         if n == 0:
             return {}
-        results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1,
+        results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1, keep=keep,
                                        temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
+        self.last_eval_samples = [s for r in results for s in r.samples]
         return batch_metrics([e.metrics for r in results for e in r.episodes])
 
     def run_sft(self, progress: Any = None) -> list[dict[str, float]]:
@@ -353,6 +396,7 @@ class DeepEyesAlgorithm(Algorithm):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state[STATE_KEY] = {
             "schedule": self.schedule.get_state(), "sft_done": self.sft_done,
+            "collapse_alarm": self.collapse_alarm.get_state(),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         return state
@@ -363,6 +407,8 @@ class DeepEyesAlgorithm(Algorithm):
         if own:
             self.schedule.set_state(own["schedule"])
             self.sft_done = bool(own["sft_done"])
+            if "collapse_alarm" in own:  # checkpoints of before the alarm have none
+                self.collapse_alarm.set_state(own["collapse_alarm"])
             random.setstate(own["rng"]["python"])
             np.random.set_state(own["rng"]["numpy"])
             torch.set_rng_state(own["rng"]["torch"])
