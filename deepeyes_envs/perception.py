@@ -35,6 +35,8 @@ SeenSize = Callable[[int, int], tuple[int, int]]  # (width, height) of an image 
 
 def perception_task(seed: int, index: int, family: str, seen_size: SeenSize) -> Task:
     """Task ``index`` of ``family`` (fully determined by seed, index and family)."""
+    if family not in PERCEPTION_FAMILIES:
+        raise ValueError(f"family must be one of {PERCEPTION_FAMILIES}, got {family!r}")
     rng = np.random.default_rng([seed, index, PERCEPTION_FAMILIES.index(family)])
     sub_seed = int(rng.integers(2**31))
     if family == "color":
@@ -56,9 +58,7 @@ def perception_task(seed: int, index: int, family: str, seen_size: SeenSize) -> 
                     "image you see.")
         return dataclasses.replace(_renamed(task, family, seed, index), question=question, answer=str(box),
                                    extra={"kind": "perception_locate", "seen_box": box})
-    if family == "shape":
-        return _shape_task(rng, seed, index)
-    raise ValueError(f"family must be one of {PERCEPTION_FAMILIES}, got {family!r}")
+    return _shape_task(rng, seed, index)
 
 
 def perception_tasks(seed: int, n: int, seen_size: SeenSize, families: tuple[str, ...] = PERCEPTION_FAMILIES

@@ -21,7 +21,7 @@ from deepeyes_envs.images import MAX_PIXELS, MIN_PIXELS, ImageError, seen_size, 
 
 DEEPEYES_BUDGET = (MIN_PIXELS, MAX_PIXELS)  # 4*28*28 .. 16384*28*28 (docs/deepeyes.md, "The v2 env")
 TINY_BUDGET = (4 * 28 * 28, 64 * 28 * 28)  # the tiny CPU model (deepeyes_agent.models)
-TINY_ZOOM_BUDGET = (3136, 3136)  # configs/tiny_zoom_cpu.yaml
+TINY_ZOOM_BUDGET = (3136, 3136)  # the pretrained tiny base of configs/zoom_cpu.yaml
 QWEN3_BUDGET = (65536, 16777216)  # Qwen3-VL's published preprocessor budget
 
 CASES = [

@@ -266,3 +266,44 @@ def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir,
         assert restored.iteration == 3 and restored.last_metrics["value_loss"] > 0
     finally:
         restored.stop()
+
+
+@pytest.mark.parametrize("mode", ["local", "data_parallel", "fsdp2"])
+def test_a_frozen_vision_tower_stays_frozen_in_every_learner_mode(ray_local, tiny_model_dir, mode):
+    learners = {"local": [], "data_parallel": ["resources.num_learners=2", "resources.num_cpus_per_learner=1"],
+                "fsdp2": ["resources.num_learners=2", "resources.num_cpus_per_learner=1",
+                          "resources.learner_sharding=fsdp2"]}[mode]
+    cfg = tiny_config(tiny_model_dir, *learners, "optim.vision_lr_scale=0", "sft.steps=2", "sft.batch_size=4",
+                      "sft.n_demos=8", "algorithm.entropy_coef=0.01")
+    algo = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        start = _learner_weights(algo)
+        algo.run_sft()
+        algo.train()
+        after = _learner_weights(algo)
+        vision = [k for k in start if k.startswith("model.visual.")]
+        assert vision and all(torch.equal(after[k], start[k]) for k in vision), "the tower moved"
+        assert any(not torch.equal(after[k], start[k]) for k in start if k not in vision), "nothing trained"
+        groups = algo.learner_group.foreach_learner(
+            lambda learner: [(g["lr_scale"], len(g["params"])) for g in learner.get_optimizer().param_groups])
+        assert all(r.get() == [(1.0, r.get()[0][1])] for r in groups)  # one group: the tower is not in it
+    finally:
+        algo.stop()
+
+
+def test_a_slow_vision_tower_has_its_own_learning_rate_in_checkpoints(ray_local, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, "optim.vision_lr_scale=0.1", "algorithm.entropy_coef=0.01")
+    algo = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    restored = DeepEyesConfig.from_run_config(cfg).build_algo()
+    try:
+        restored.restore_from_path(path)
+        groups = restored.learner_group.foreach_learner(
+            lambda learner: [(g["lr_scale"], g["lr"]) for g in learner.get_optimizer().param_groups])
+        assert [r.get() for r in groups] == [[(1.0, 1e-3), (0.1, pytest.approx(1e-4))]]
+    finally:
+        restored.stop()

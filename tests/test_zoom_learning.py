@@ -1,0 +1,50 @@
+"""Proof that it thinks with images: the README's main job (configs/zoom_cpu.yaml), shortened.
+
+From the tiny base pretrained on perception (never on tool calls), a short cold start leaves the held-out
+tool-call rate at 0.3 or below; GRPO with the DeepEyes reward must then raise it by at least 0.4 and held-out
+accuracy by at least 0.3, to 0.8 or more, while the same run with the tool disabled stays near chance (1 in 4
+colours). Runs the real ``train.py`` in a subprocess: Ray, the RLlib algorithm, the rule judge, the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evals(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == "eval"]
+
+
+@pytest.mark.timeout(1800)
+def test_rl_learns_to_zoom_and_zooming_is_what_makes_it_right(tmp_path):
+    run_dir = tmp_path / "zoom"
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "iterations=9", f"logging.run_dir={run_dir}",
+                           "logging.progress=false", "logging.tensorboard=false"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=1700,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run, control = evals(run_dir), evals(run_dir / "no_tool")
+    start, end = run[0], run[-1]
+    print(f"held-out accuracy {start['acc']:.3f} -> {end['acc']:.3f}, tool-call rate {start['tool_call_rate']:.3f} "
+          f"-> {end['tool_call_rate']:.3f}; tools disabled: {control[-1]['acc']:.3f}")
+    assert start["tool_call_rate"] <= 0.3, "the cold start alone already zooms too often to measure RL's gain"
+    assert end["tool_call_rate"] - start["tool_call_rate"] >= 0.4
+    assert end["acc"] >= 0.8 and end["acc"] - start["acc"] >= 0.3
+    assert end["acc_with_tool"] >= 0.8  # the episodes that zoomed are the ones that are right
+    assert control[-1]["acc"] <= 0.4 and control[-1]["tool_call_rate"] == 0.0
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "end, tools disabled (control)" in report and "(transcript.html)" in report
+    transcript = (run_dir / "report" / "transcript.html").read_text()
+    assert "<svg" in transcript or "<img" in transcript
+    for plot in ("accuracy.png", "tool_calls.png", "accuracy_by_tool.png", "iou.png"):
+        assert (run_dir / "report" / plot).stat().st_size > 1000
