@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
     from deepeyes_agent.training.driver import train
+    from deepeyes_agent.training.rllib.algorithm import BadDataError
 
-    result = train(cfg, address=args.address)
+    try:
+        result = train(cfg, address=args.address)
+    except BadDataError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 1
     first, last = result.get("first_eval") or {}, result.get("last_eval") or {}
     nan = float("nan")
     if last:

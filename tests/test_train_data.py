@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -85,3 +86,62 @@ def test_a_mixed_run_trains_on_both_kinds_of_rows(ray_local, tiny_model_dir, tmp
             assert algo.last_metrics["episodes"] == 8
     finally:
         algo.stop()
+
+
+def bad_rows_parquet(tmp_path):
+    """16 DeepEyes rows, three with a corrupt PNG and one without reward_model (the case of issue 11)."""
+    from test_tasks_bad_rows import CORRUPT, write
+    from test_tasks_parquet import deepeyes_row
+
+    rows = [deepeyes_row(i, env_name="visual_toolbox_v2") for i in range(16)]
+    for i in (2, 7, 11):
+        rows[i]["images"] = [{"bytes": CORRUPT, "path": None}]
+    rows[13]["reward_model"] = None
+    path = tmp_path / "train.parquet"
+    write(path, rows)
+    return path
+
+
+def train_py(tmp_path, model_dir, *overrides):
+    import subprocess
+    import sys
+
+    from test_train_resume import ROOT
+
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+                           "model.build_tiny=false", f"model.path={model_dir}", f"logging.run_dir={tmp_path}/run",
+                           "env.env_id=", "rollout.prompts_per_iteration=4", "rollout.rollouts_per_prompt=2",
+                           "rollout.max_tokens=8", "data.shuffle=false", "logging.progress=false", "sft.steps=0",
+                           "logging.eval_every=0", "logging.tensorboard=false", *overrides],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_skips_bad_rows_counts_and_lists_them(tiny_model_dir, tmp_path):
+    path = bad_rows_parquet(tmp_path)
+    done = train_py(tmp_path, tiny_model_dir, f"data.source={path}", "iterations=4")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "run"
+    skipped = [json.loads(line) for line in (run / "skipped_rows.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in skipped) == [2, 7, 11, 13] and {r["split"] for r in skipped} == {"train"}
+    reasons = {r["index"]: r["reason"] for r in skipped}
+    assert "cannot read image" in reasons[2] and "reward_model" in reasons[13]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    per_iteration = [r["data/skipped_rows"] for r in records if r["kind"] == "train"]
+    assert per_iteration == [1, 1, 1, 1]  # rows 0-3, 4-7, 8-11, 12-15 in order: one bad row in each
+    assert [r["episodes"] for r in records if r["kind"] == "train"] == [6, 6, 6, 6]
+    assert "4 data row(s) could not be played" in (run / "report" / "report.md").read_text()
+    assert "skipped 1 bad row(s) this iteration" in done.stdout
+    output = done.stdout + done.stderr  # a quiet run: the project's lines, none of Ray's or transformers' notices
+    for notice in ("Token authentication", "new API stack", "RLModuleConfig", "gputil", "Loading weights",
+                   "Started a local Ray instance"):
+        assert notice not in output, notice
+
+
+@pytest.mark.slow
+def test_a_run_with_too_many_bad_rows_stops_with_a_clear_error(tiny_model_dir, tmp_path):
+    path = bad_rows_parquet(tmp_path)
+    done = train_py(tmp_path, tiny_model_dir, f"data.source={path}", "iterations=4", "data.max_bad_row_share=0.2")
+    assert done.returncode == 1
+    assert "2 of the 8 training rows read so far cannot be played, more than data.max_bad_row_share = 20.00%" \
+        in done.stderr and "Traceback" not in done.stderr

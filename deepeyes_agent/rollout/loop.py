@@ -10,6 +10,9 @@ No Ray and no threads: a plain loop that works the same in a script, a test or a
 runners call :func:`run_episodes` inside their own process. The loop knows the env only through Gymnasium's
 contract (``reset`` / ``step`` and their ``info``), so any env that keeps it plays here.
 
+A task the env cannot reset on (a ``TaskError``: a row whose image does not decode, say) ends its episode at
+once with ``end_reason == "bad_task"`` and the error in ``info``, without stopping the others.
+
 Ending rules on top of the env's own (answer, no tool call, cut-off reply, max turns): an observation
 that does not fit the token budget is dropped whole, the env is closed and the trajectory ends with
 ``end_reason == "token_budget"`` and ``truncated`` set (docs/deepeyes.md, "The v2 env"); its reward is judged
@@ -41,7 +44,7 @@ from deepeyes_envs.judges import JudgeSpec, make_judge
 from deepeyes_envs.messages import message_images
 from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.rewards import EpisodeOutcome, score_episodes
-from deepeyes_envs.tasks import Task
+from deepeyes_envs.tasks import BadRow, Task, TaskError
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=512, temperature=1.0)
 
@@ -159,7 +162,14 @@ def _start(env: gym.Env, task: Task, group: int, k: int, name: str, reset_seed: 
            env_kwargs: dict[str, Any], max_total_tokens: int, max_prompt_tokens: int | None) -> _Episode:
     """Reset the env and open the episode's token context; a prompt over budget ends it at once."""
     t0 = time.perf_counter()
-    obs, _ = env.reset(seed=reset_seed, options={"task": task})
+    try:
+        obs, _ = env.reset(seed=reset_seed, options={"task": task})
+    except TaskError as exc:  # a bad row (e.g. an image that does not decode): this episode only is skipped
+        trajectory = Trajectory(task_id=task.task_id, group_id=group, env_id=name, episode_index=k, seed=reset_seed,
+                                task=task, end_reason="bad_task", truncated=True, info={"error": str(exc)},
+                                reward_parts={"score": 0.0, "acc": 0.0})
+        trajectory.info["bad_row"] = BadRow.from_error(exc).to_json()
+        return _Episode(env=env, trajectory=trajectory, done=True)
     prompt = tuple(obs["messages"])
     trajectory = Trajectory(task_id=task.task_id, group_id=group, env_id=name, prompt=prompt, episode_index=k,
                             seed=reset_seed, max_total_tokens=max_total_tokens, task=task,

@@ -62,6 +62,10 @@ class DataConfig(Section):
     eval_path: str = setting("", "Held-out tasks when source is a file: a parquet path or 'hf:PATH' ('': no "
                                  "evaluation).")
     shuffle: bool = setting(True, "Visit the training tasks in a seeded random order, reshuffled every epoch.")
+    max_bad_row_share: float = setting(0.01, "Rows that cannot be played (a missing field, an image that does not "
+                                             "decode) are skipped and listed in <run_dir>/skipped_rows.jsonl; the run "
+                                             "stops once more than this share of the rows read are bad (checked "
+                                             "from 1 / share rows on).", gt=0.0, le=1.0)
 
     @field_validator("kind")
     @classmethod

@@ -8,6 +8,7 @@ checkpointing and the progress display.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -69,6 +70,12 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def _token_auth_default_notice(record: logging.LogRecord) -> bool:
+    """Ray announces, at every local start, that token authentication is on by default. The local instance keeps
+    that default (turning it off is what the notice offers); only the announcement is dropped."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster.")
+
+
 def start_ray(cfg: TrainConfig, address: str | None) -> bool:
     """Connect to a cluster (``address``) or start a small local Ray; returns True when we started it."""
     import ray
@@ -79,8 +86,9 @@ def start_ray(cfg: TrainConfig, address: str | None) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
         return False
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_token_auth_default_notice)
     ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
-             object_store_memory=cfg.resources.object_store_mb * 1024 * 1024)
+             object_store_memory=cfg.resources.object_store_mb * 1024 * 1024, logging_level=logging.WARNING)
     return True
 
 
@@ -91,6 +99,16 @@ def save_samples(algo: Any, run_dir: Path, iteration: int) -> Path | None:
     from deepeyes_agent.rollout.trajectory import save_trajectories
 
     return save_trajectories(algo.last_samples, run_dir / "trajectories" / f"iter_{iteration}")
+
+
+def write_skipped_rows(bad_rows: dict[str, dict[str, Any]], run_dir: Path) -> Path:
+    """``skipped_rows.jsonl``: every row skipped so far and why, one JSON object a line (rewritten whole, so a
+    resumed run lists each row once)."""
+    import json
+
+    path = run_dir / "skipped_rows.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in bad_rows.values()))
+    return path
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -134,10 +152,12 @@ def no_tool_variant(cfg: TrainConfig) -> TrainConfig:
 def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
     """One run: build, resume, warm-start, train with held-out evaluations, save what it learned."""
     import torch
+    import transformers
 
     from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()  # a bar per model load (learner, runner, reference)
     torch.set_num_threads(cfg.resources.torch_threads)
     torch.manual_seed(cfg.seed)
     run_dir = prepare_run_dir(cfg)
@@ -158,6 +178,8 @@ def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
             echo(format_line(0, cfg.iterations, {f"eval/{k}": v for k, v in evaluation.items()}))
             save_checkpoint(algo, run_dir, 0, cfg.logging.keep_checkpoints)
         _iterations(algo, cfg, log, run_dir, start, echo)
+        if algo.bad_rows:  # held-out rows too
+            write_skipped_rows(algo.bad_rows, run_dir)
         from deepeyes_agent.training.run_log import read_metrics
 
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
@@ -212,6 +234,10 @@ def _iterations(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, start: 
         log.log(iteration, metrics, kind="train")
         if algo.last_samples:
             save_samples(algo, run_dir, iteration)
+        if metrics.get("data/skipped_rows"):
+            write_skipped_rows(algo.bad_rows, run_dir)
+            write(f"skipped {metrics['data/skipped_rows']:.0f} bad row(s) this iteration, {len(algo.bad_rows)} in all: "
+                  f"{run_dir / 'skipped_rows.jsonl'}")
         shown = dict(metrics)
         last = iteration == cfg.iterations
         if cfg.logging.eval_every and (iteration % cfg.logging.eval_every == 0 or last):

@@ -61,6 +61,11 @@ def write_report(run_dir: str | Path, config: dict[str, Any] | None = None,
         alarms = [r["iteration"] for r in train if r.get("health/tool_collapse")]
         if alarms:
             lines += [f"Tool-call collapse alarm at iterations {alarms}.", ""]
+    skipped = run_dir / "skipped_rows.jsonl"
+    if skipped.is_file():
+        n = sum(1 for line in skipped.read_text().splitlines() if line.strip())
+        lines += [f"{n} data row(s) could not be played and were skipped: [skipped_rows.jsonl](../skipped_rows.jsonl)"
+                  " lists each with its reason.", ""]
     transcript = _transcript(run_dir, out)
     if transcript:
         lines += [f"A learned held-out episode: [{transcript}]({transcript}) (its first image with the zoom box "

@@ -30,6 +30,7 @@ import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.util.debug import log_once
 
 from deepeyes_agent.rollout.metrics import batch_metrics
 from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
@@ -44,6 +45,10 @@ from deepeyes_agent.training.rllib.module import QwenVLModule
 from deepeyes_agent.training.tasks import MixedSchedule, make_schedule, make_task_source
 
 STATE_KEY = "deepeyes"
+
+
+class BadDataError(RuntimeError):
+    """Too many of the rows a run read cannot be played (``data.max_bad_row_share``)."""
 
 
 class DeepEyesConfig(AlgorithmConfig):
@@ -62,6 +67,11 @@ class DeepEyesConfig(AlgorithmConfig):
         self.broadcast_env_runner_states = False
         self.restart_failed_env_runners = True
         self.num_cpus_for_main_process = 0  # the driver mostly waits; do not reserve a core for it
+        # Tune's per-iteration system-usage poller (GPU through GPUtil): unused here; TensorBoard and Ray's
+        # dashboard show resources.
+        self.log_sys_usage = False
+        # Built on the new API stack by design: RLlib's one-time notice that it is the default is marked as shown.
+        log_once(f"{(algo_class or DeepEyesAlgorithm).__name__}_on_new_api_stack")
 
     # ------------------------------------------------------------------ RLlib hooks
     def get_default_learner_class(self) -> type:
@@ -132,6 +142,8 @@ class DeepEyesAlgorithm(Algorithm):
         self.last_samples: list[Any] = []
         self.restored_env_runners = 0  # env runners brought back after a failure, over the run
         self.collapse_alarm = CollapseAlarm(run.logging.collapse_share, max(1, run.logging.collapse_patience))
+        self.bad_rows: dict[str, dict[str, Any]] = {}  # "split:index" -> BadRow record, over the run
+        self.rows_read: set[int] = set()  # training rows asked for, over the run
         self.last_eval_samples: list[Any] = []
         self.sync_policy_weights()
 
@@ -258,7 +270,23 @@ class DeepEyesAlgorithm(Algorithm):
             kept += episodes
         if isinstance(self.schedule, MixedSchedule):
             stats["data/agentic_share"] = self.schedule.agentic_share(mix)
+        stats["data/skipped_rows"] = float(self.record_bad_rows(results, mix))
         return kept, results, stats
+
+    def record_bad_rows(self, results: Sequence[RunnerBatch], indices: Sequence[int]) -> int:
+        """Remember the rows the env runners could not play; stop the run once too many of those read are bad.
+        Returns how many new bad rows these results brought."""
+        new = {f"{b['split']}:{b['index']}": b for r in results for b in r.bad_rows}
+        fresh = len(set(new) - set(self.bad_rows))
+        self.bad_rows.update(new)
+        self.rows_read.update(indices)
+        share = self.config.deepeyes.data.max_bad_row_share
+        bad = sum(1 for key in self.bad_rows if key.startswith("train:"))
+        if len(self.rows_read) >= 1.0 / share and bad > share * len(self.rows_read):
+            raise BadDataError(f"{bad} of the {len(self.rows_read)} training rows read so far cannot be played, more "
+                               f"than data.max_bad_row_share = {share:.2%}; they are listed in skipped_rows.jsonl "
+                               "(`python -m deepeyes_envs.datasets check FILE` reports every bad row of a file)")
+        return fresh
 
     def current_lr(self) -> float:
         optim = self.config.deepeyes.optim
@@ -352,6 +380,7 @@ class DeepEyesAlgorithm(Algorithm):
         results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1, keep=keep,
                                        temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
         self.last_eval_samples = [s for r in results for s in r.samples]
+        self.bad_rows.update({f"{b['split']}:{b['index']}": b for r in results for b in r.bad_rows})
         return batch_metrics([e.metrics for r in results for e in r.episodes])
 
     def run_sft(self, progress: Any = None) -> list[dict[str, float]]:
@@ -397,6 +426,7 @@ class DeepEyesAlgorithm(Algorithm):
         state[STATE_KEY] = {
             "schedule": self.schedule.get_state(), "sft_done": self.sft_done,
             "collapse_alarm": self.collapse_alarm.get_state(),
+            "bad_rows": self.bad_rows, "rows_read": sorted(self.rows_read),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         return state
@@ -407,8 +437,9 @@ class DeepEyesAlgorithm(Algorithm):
         if own:
             self.schedule.set_state(own["schedule"])
             self.sft_done = bool(own["sft_done"])
-            if "collapse_alarm" in own:  # checkpoints of before the alarm have none
+            if "collapse_alarm" in own:  # checkpoints of before the alarm and the bad rows have none
                 self.collapse_alarm.set_state(own["collapse_alarm"])
+                self.bad_rows, self.rows_read = dict(own["bad_rows"]), set(own["rows_read"])
             random.setstate(own["rng"]["python"])
             np.random.set_state(own["rng"]["numpy"])
             torch.set_rng_state(own["rng"]["torch"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from deepeyes_agent.rollout.trajectory import Trajectory
 from deepeyes_agent.training.batch import PackedEpisode
 from deepeyes_agent.training.tasks import make_task_source
 from deepeyes_envs.judges import make_judge
+from deepeyes_envs.tasks import BadRow, Task, TaskError
 
 
 @dataclass
@@ -43,6 +45,7 @@ class RunnerBatch:
     samples: list[Trajectory]  # the first ``keep`` trajectories, to save (without their token contexts)
     timings: dict[str, float]  # the rollout loop's timings plus ``runner_total_s``
     judge_stats: dict[str, float]  # the judge's counters (requests, retries, fallbacks, ...)
+    bad_rows: list[dict[str, Any]]  # rows that could not be played: BadRow.to_json() plus "split"
     node_id: str
     pid: int
     worker_index: int
@@ -106,8 +109,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         """Play ``n_per_task`` episodes of each task; returns packed episodes, metrics and ``keep`` samples."""
         start = time.perf_counter()
         rollout = self.run.rollout
-        source = self.sources[split]
-        tasks = [source[i] for i in task_indices]
+        tasks, rows, bad_rows = self.read_tasks(split, task_indices)
         temp = rollout.temperature if temperature is None else temperature
         sampling = SamplingParams(max_tokens=rollout.max_tokens, temperature=temp,
                                   top_p=rollout.top_p if temp > 0 else 1.0, seed=seed)
@@ -117,7 +119,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                     max_prompt_tokens=rollout.max_prompt_tokens, seed=seed)
         episodes = []
         for traj in trajectories:
-            if traj.context is None:  # skipped: the prompt alone exceeded the budget
+            if traj.end_reason == "bad_task" and traj.episode_index == 0:  # once per task, not per rollout
+                bad_rows.append({**traj.info["bad_row"], "index": rows[traj.group_id], "split": split})
+            if traj.context is None:  # skipped: a bad task, or a prompt alone over the budget
                 continue
             episodes.append(PackedEpisode.from_context(
                 traj.context, reward=traj.reward, group_id=group_offset + traj.group_id, task_id=traj.task_id,
@@ -131,4 +135,17 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         timings["runner_total_s"] = time.perf_counter() - start
         judge_stats = self.judge.stats() if hasattr(self.judge, "stats") else {}
         return RunnerBatch(episodes=episodes, samples=samples, timings=timings, judge_stats=judge_stats,
-                           node_id=self.node_id, pid=os.getpid(), worker_index=self.worker_index or 0)
+                           bad_rows=bad_rows, node_id=self.node_id, pid=os.getpid(),
+                           worker_index=self.worker_index or 0)
+
+    def read_tasks(self, split: str, indices: Sequence[int]) -> tuple[list[Task], list[int], list[dict[str, Any]]]:
+        """The tasks of these rows, the rows they came from, and the rows that cannot become a task (BadRow
+        records): a bad row is skipped and reported, never the end of the batch."""
+        tasks, rows, bad = [], [], []
+        for index in indices:
+            try:
+                tasks.append(self.sources[split][index])
+                rows.append(index)
+            except TaskError as exc:
+                bad.append({**BadRow.from_error(exc, index=index).to_json(), "index": index, "split": split})
+        return tasks, rows, bad

@@ -16,6 +16,7 @@ full one, gathered beforehand on every learner (``LLMLearner.stage_full_state``)
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,17 @@ from deepeyes_agent.policy.loading import load_model
 from deepeyes_agent.training.losses import critic_values, forward_with_values, last_hidden_state
 
 VALUE_HEAD = "value_head."  # prefix of the critic's entries in the module state
+
+
+class _RLlibOwnRLModuleConfig(logging.Filter):
+    """RLlib 2.60's ``RLModule.__init__`` always builds the deprecated ``RLModuleConfig`` itself, whatever a
+    subclass passes, and warns about it: a notice about RLlib's own code, dropped here (that message only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RLModule(config=[RLModuleConfig object])" not in record.getMessage()
+
+
+logging.getLogger("ray._common.deprecation").addFilter(_RLlibOwnRLModuleConfig())
 
 
 class QwenVLModule(TorchRLModule):
