@@ -26,11 +26,12 @@ import torch
 from PIL import Image
 
 from deepeyes_agent.policy.loading import load_model, load_processor
+from deepeyes_agent.policy.logprobs import last_hidden_state
 from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 from deepeyes_agent.training.batch import PackedEpisode, collate_episodes
 from deepeyes_agent.training.config import EnvConfig
 from deepeyes_agent.training.demonstrations import demonstrations
-from deepeyes_agent.training.losses import forward_logits, sft_loss
+from deepeyes_agent.training.losses import sft_loss
 from deepeyes_envs.scripted import padded_box
 from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, ToyConfig, toy_task
 
@@ -124,8 +125,9 @@ def _answer_accuracy(model, episodes, positions, labels, colour_ids, indices) ->
     model.eval()
     hits = []
     for chunk in np.array_split(np.asarray(list(indices)), max(1, len(indices) // 50)):
-        logits = forward_logits(model, collate_episodes([episodes[i] for i in chunk]))
-        hits += [int(logits[k, positions[i] - 1, colour_ids].argmax()) == labels[i] for k, i in enumerate(chunk)]
+        hidden = last_hidden_state(model, collate_episodes([episodes[i] for i in chunk]))
+        hits += [int(model.lm_head(hidden[k, positions[i] - 1])[colour_ids].argmax()) == labels[i]
+                 for k, i in enumerate(chunk)]
     return float(np.mean(hits))
 
 
