@@ -41,9 +41,10 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def episodes(policy):
-    """Six sampled one-turn episodes over images of different sizes, in 3 groups with made-up rewards."""
+    """Six sampled one-turn episodes over images of different sizes, in 3 groups with made-up rewards (sampled by
+    ``model.generate``: the engine's re-encoding mode, the multi-turn tests use the cached one)."""
     model, processor = policy
-    engine = HFEngine(model, processor)
+    engine = HFEngine(model, processor, reuse_kv_cache=False)
     rng = np.random.default_rng(0)
     contexts = []
     for i in range(6):
