@@ -321,7 +321,7 @@ def test_chunked_loss_head_equals_the_full_logits_head(policy, multi_turn, advan
     assert abs(float(lean[0] - full[0])) < TOL and float(full[0]) != 0.0
     for key in ("pg_loss", "entropy_sum", "kl_sum", "value_loss", "logprob_gap_max"):
         if key in full[1]:
-            assert lean[1][key] == pytest.approx(full[1][key], abs=TOL), key
+            assert lean[1][key] == pytest.approx(full[1][key], rel=1e-6, abs=TOL), key  # sums over ~100 tokens
     assert sum(float(g.abs().sum()) for g in full[2]) > 0
     for a, b in zip(lean[2], full[2], strict=True):
         assert float((a - b).abs().max()) < TOL
