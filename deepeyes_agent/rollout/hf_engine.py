@@ -468,8 +468,17 @@ def _keep_rows(cache: Cache, attention: torch.Tensor, stay: list[int]) -> torch.
 
 
 def _cut(cache: Cache, attention: torch.Tensor, row: int, tokens: list[int]) -> _KVCache:
-    """A batch row's keys and values of its first ``len(tokens)`` attended columns, copied out of a batch cache."""
+    """A batch row's keys and values of its first ``len(tokens)`` attended columns, copied out of a batch cache
+    (one slice when they are contiguous, as after decoding; gathered when padding splits them, as after a prefill
+    of rows that gained different numbers of tokens)."""
     fed = cache.layers[0].keys.shape[-2]
     columns = attention[row, :fed].nonzero().squeeze(-1)[:len(tokens)]
-    return _KVCache(tokens=list(tokens), keys=[layer.keys[row][:, columns] for layer in cache.layers],
-                    values=[layer.values[row][:, columns] for layer in cache.layers])
+    first, last = int(columns[0]), int(columns[-1])
+    if last - first + 1 == len(columns):
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[row, :, first:last + 1].clone(memory_format=torch.contiguous_format)
+    else:
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[row][:, columns]
+    return _KVCache(tokens=list(tokens), keys=[take(layer.keys) for layer in cache.layers],
+                    values=[take(layer.values) for layer in cache.layers])
