@@ -1,8 +1,8 @@
 """Learner MFU on a GPU: a randomly initialised Qwen2.5-VL-3B-sized model (config only, nothing downloaded).
 
-Times the learner's actual training step (``deepeyes_agent.training.losses.rl_loss``: forward, clipped policy
-loss over generated tokens, backward, AdamW step) on synthetic multi-turn batches (text + one image per
-sequence, half the tokens generated), and reports
+Times the learner's actual training step (``deepeyes_agent.training.losses.rl_loss``: backbone forward, the LM
+head and clipped policy loss over generated tokens, backward, AdamW step) on synthetic multi-turn batches (text +
+one image per sequence, half the tokens generated), and reports
 
     MFU = model FLOPs per second / peak FLOPs per second,
     model FLOPs per step ~ 6 * N_params * tokens + 12 * layers * hidden * seq_len * tokens  (attention, causal /2)
@@ -107,7 +107,7 @@ def _sync(device: str) -> None:
 def time_learner_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg, device: str, steps: int,
                       warmup: int) -> float:
     """Mean seconds of one learner step (forward, clipped loss, backward, clip, AdamW) after ``warmup`` steps."""
-    from deepeyes_agent.training.losses import LossSettings, forward_logits, rl_loss_from_logits
+    from deepeyes_agent.training.losses import LossSettings, last_hidden_state, rl_loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     suppress = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
@@ -116,7 +116,7 @@ def time_learner_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cf
     for step in range(warmup + steps):
         _sync(device)
         t0 = time.perf_counter()
-        loss, _ = rl_loss_from_logits(forward_logits(model, batch), batch, LossSettings(), suppress, normalizer)
+        loss, _ = rl_loss(model.lm_head, last_hidden_state(model, batch), batch, LossSettings(), suppress, normalizer)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

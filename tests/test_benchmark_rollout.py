@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_rollout_benchmark_small(tiny_model_dir, tmp_path) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--model-dir", str(tiny_model_dir),
-                          "--episodes", "2", "--tasks", "1", "--max-tokens", "3", "--json", str(tmp_path / "rows.json")],
+                          "--episodes", "2", "--tasks", "1", "--max-tokens", "3", "--repeats", "2",
+                          "--json", str(tmp_path / "rows.json")],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
@@ -28,5 +29,8 @@ def test_rollout_benchmark_small(tiny_model_dir, tmp_path) -> None:
     assert rows[0]["speedup"] == 1.0
     lines = out.stdout.strip().splitlines()
     assert len([line for line in lines if line.startswith("| ")]) == 5 and "batched" in out.stdout
+    versus = re.fullmatch(r"batched with KV reuse / one-at-a-time with KV reuse: ([\d.]+)x \(target >= 1.5x\)",
+                          lines[-2])
+    assert versus and float(versus.group(1)) == pytest.approx(rows[-1]["speedup"] / rows[1]["speedup"], abs=0.01)
     result = re.fullmatch(r"RESULT rollout: ([\d.]+)x \(target >= 6x\)", lines[-1])
     assert result and float(result.group(1)) == pytest.approx(rows[-1]["speedup"], abs=0.01)

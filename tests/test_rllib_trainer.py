@@ -110,9 +110,10 @@ def test_two_remote_env_runners_share_the_batch_and_survive_a_crash(ray_local, t
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])  # gae: the value head is all-reduced like the rest
 def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir, advantage):
+    # the entropy bonus gives a gradient whatever the sampled rewards (the random tiny model's are mostly all 0)
     cfg = tiny_config(tiny_model_dir, "resources.num_learners=2", "resources.num_cpus_per_learner=1",
                       "algorithm.minibatches=2", "sft.steps=1", "sft.batch_size=4", "sft.n_demos=8",
-                      f"algorithm.advantage={advantage}")
+                      f"algorithm.advantage={advantage}", "algorithm.entropy_coef=0.01")
     algo = DeepEyesConfig.from_run_config(cfg).build_algo()
     try:
         ranks = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.node_and_rank())]

@@ -73,13 +73,20 @@ def test_finished_episodes_leave_the_batch(policy, tasks) -> None:
     def script(task, info):  # the first episode answers at once, the second zooms three times first
         return [answer_turn("red")] if task is tasks[0] else zoom_script(task, info)
 
-    engine = HFEngine(policy.model, policy.processor)
+    engine = HFEngine(policy.model, policy.processor)  # the default: per-episode caches, batched
     out = run_episodes(tasks, engine, policy.processor, sampling=PARAMS,
                        env_wrapper=lambda env: ScriptedActions(env, script))
     assert [t.n_turns for t in out] == [1, 4]
     assert [t.turns[0].metrics["batch_size"] for t in out] == [2, 2]
     assert [t.metrics["batch_size"] for t in out[1].turns[1:]] == [1, 1, 1]
     assert out[0].end_reason == "answer" and out[0].n_image_observations == 0
+    assert engine.cached_tokens == 0  # both released as they ended
+    contexts = [t.context for t in out]
+    inputs = collate(contexts)
+    with torch.no_grad():
+        recomputed = token_logprobs(policy.model, inputs, 1.0, contexts[0].vision.vision_token_ids)
+    mask = inputs["loss_mask"].bool()
+    assert (recomputed[mask] - inputs["old_logprobs"][mask]).abs().max().item() < 1e-4
 
 
 def test_observation_over_budget_truncates(policy, tasks, batch) -> None:

@@ -22,15 +22,16 @@ EngineKind = Literal["hf", "vllm"]
 
 def make_engine(kind: EngineKind, model_path: str | os.PathLike, processor: QwenVLImageProcessor, *,
                 dtype: str = "float32", device: str | None = None, attn_implementation: str = "sdpa",
-                vllm_kwargs: Mapping[str, Any] | None = None) -> Engine:
+                vllm_kwargs: Mapping[str, Any] | None = None, kv_cache: bool = True) -> Engine:
     """An engine for the policy at ``model_path``: ``hf`` (transformers, on ``device``, default cuda when
-    there is one) or ``vllm`` (in this process or in the vllm venv's worker, see ``vllm_engine``)."""
+    there is one; ``kv_cache``: its fastest mode, per-episode keys and values kept between turns, see
+    ``hf_engine``) or ``vllm`` (in this process or in the vllm venv's worker, see ``vllm_engine``)."""
     if kind == "hf":
         from deepeyes_agent.rollout.hf_engine import HFEngine
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(model_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-        return HFEngine(model, processor)
+        return HFEngine(model, processor, reuse_kv_cache=kv_cache)
     if kind == "vllm":
         from deepeyes_agent.rollout.vllm_engine import VLLMEngine
 

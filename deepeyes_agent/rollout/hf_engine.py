@@ -6,15 +6,25 @@ grid row per image, and generation stops per row at ``<|im_end|>`` or a stop str
 ``</tool_call>``. Logprobs are computed from the raw logits of each step with the convention of
 ``deepeyes_agent.rollout.engine`` so a training forward reproduces them.
 
-With ``reuse_kv_cache=True`` the engine keeps each episode's keys and values between turns, so a turn
-only prefills what the context gained since the last one (the previous turn's last token, the env's
-observation and its new images) instead of the whole conversation. That path runs its own batched
-prefill and decode loop (``model.generate`` cannot resume per-row caches of different lengths): every
-row's cache is left-padded into one batch cache, the new tokens are left-padded after it (holes in the
-attention mask are fine), positions come from the context (``chat.py`` computed them, so the model
-never has to re-derive mRoPE from a partial sequence), and only the NEW images' pixel values and grids
-are passed, which is what keeps "image features and image tokens do not match" away. After the turn
-each row's valid keys and values are cut out again and kept until :meth:`HFEngine.release`.
+With ``reuse_kv_cache=True`` (the default, and the fastest mode: ``benchmarks/rollout.py``) the engine
+keeps each episode's keys and values between turns, so a turn only prefills what the context gained since
+the last one (the previous turn's last token, the env's observation and its new images) instead of the
+whole conversation. That path runs its own batched prefill and decode loop (``model.generate`` cannot
+resume per-row caches of different lengths):
+
+- prefill: rows that are fresh copies of one prompt (a GRPO group's first turn) are prefilled once; the
+  others go in batches of similar new-token counts (sorted, cut where left padding would exceed half the
+  real tokens, ``PREFILL_PADDING``), each row's cache left-padded after the batch's widest; positions come
+  from the context (``chat.py`` computed them, so the model never has to re-derive mRoPE from a partial
+  sequence), and only the NEW images' pixel values and grids are passed, which is what keeps "image
+  features and image tokens do not match" away;
+- decode: all rows in one buffer per layer, allocated once per turn with room for every step (a step
+  writes its column in place, no concatenation); once a quarter of the batch has finished
+  (``LEAVE_SHARE``) the finished rows leave it, with the left padding no remaining row needs;
+- each row's valid keys and values are cut out as it leaves and kept until :meth:`HFEngine.release`.
+
+The cache costs memory: every running episode's keys and values stay on the device between turns
+(``cached_tokens``), about what ``model.generate`` allocates for the same batch within one turn.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer
 from deepeyes_agent.policy.loading import QwenVLImageProcessor
@@ -46,13 +57,13 @@ class _KVCache:
 class HFEngine(Engine):
     """Batched generation on a transformers model; shares the model object it is given.
 
-    ``reuse_kv_cache=False`` (default) re-encodes each context fully every turn with ``model.generate``;
-    ``True`` keeps per-episode keys and values across turns (see the module docstring) until
-    :meth:`release` is called for the finished contexts (or they are garbage collected).
+    ``reuse_kv_cache=True`` (default) keeps per-episode keys and values across turns (see the module
+    docstring) until :meth:`release` is called for the finished contexts (or they are garbage collected);
+    ``False`` re-encodes each context fully every turn with ``model.generate``.
     """
 
     def __init__(self, model: PreTrainedModel, processor: QwenVLImageProcessor, *,
-                 reuse_kv_cache: bool = False) -> None:
+                 reuse_kv_cache: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.vision = VisionTokenizer(processor)
@@ -233,23 +244,21 @@ class HFEngine(Engine):
             inputs["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-        """One token per row from raw last-position logits: vision tokens suppressed, then greedy or
-        temperature / top-k / top-p sampling (the logprob is recorded from the untruncated distribution)."""
-        logits = logits.float().clone()
-        logits[:, list(self.vision.vision_token_ids)] = float("-inf")
+    @staticmethod
+    def _sample(logp: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row from the rows' sampling logprobs (``sampling_logprobs``: vision tokens already out of
+        the distribution): greedy, or drawn after the top-k / top-p cut (the logprob is recorded uncut)."""
         if params.temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / params.temperature
+            return logp.argmax(dim=-1)
         if params.top_k:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            kth = torch.topk(logp, min(params.top_k, logp.shape[-1]), dim=-1).values[:, -1:]
+            logp = logp.masked_fill(logp < kth, float("-inf"))
         if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(-1)
+            sorted_logp, order = torch.sort(logp, descending=True, dim=-1)
+            probs = sorted_logp.softmax(-1)
             drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            logp = logp.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
+        return draw(logp.softmax(-1), generator)
 
     def _row_done(self, tokens: list[int], limit: int, stop_ids: list[int], stop_strings: list[str]) -> bool:
         if len(tokens) >= limit or tokens[-1] in stop_ids:
@@ -260,61 +269,216 @@ class HFEngine(Engine):
         return False
 
     def _generate_cached(self, contexts: Sequence[EpisodeContext], params: SamplingParams) -> list[Generation]:
-        """Prefill only what each context gained since its cache, decode the batch, keep the new caches."""
+        """Prefill only what each context gained since its cache (once per distinct fresh prompt, in batches of
+        similar lengths), decode all rows together while finished ones leave, keep the new caches."""
         start = time.perf_counter()
         stop_ids, stop_strings = self._stops(params)
         limits = [min(params.max_tokens, c.remaining_tokens) for c in contexts]
         caches = [self._cache_of(c) for c in contexts]
-        width = max(len(c.tokens) if c is not None else 0 for c in caches)
-        cache, cached = self._batch_cache(caches, width)
-        inputs = self._prefill_inputs(contexts, cached, width)
-        prefill_tokens = int(inputs["attention_mask"][:, width:].sum())
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        attention = inputs.pop("attention_mask")
-        out = self.model(**inputs, attention_mask=attention, cache=cache, use_cache=True, logits_to_keep=1)
-        next_pos = torch.tensor([c.next_position for c in contexts], device=self.device)
-        tokens: list[list[int]] = [[] for _ in contexts]
-        logprobs: list[list[float]] = [[] for _ in contexts]
-        done = [False] * len(contexts)
-        for step in range(max(limits)):
-            logits = out.logits[:, -1]
-            picked = self._sample(logits, params, generator)
-            logp = sampling_logprobs(logits, params.temperature, self.vision.vision_token_ids)
-            picked_logp = logp.gather(-1, picked[:, None]).squeeze(-1).tolist()
-            for b, token in enumerate(picked.tolist()):
-                if not done[b]:
-                    tokens[b].append(token)
-                    logprobs[b].append(picked_logp[b])
-                    done[b] = self._row_done(tokens[b], limits[b], stop_ids, stop_strings)
-            if all(done):
-                break
-            attention = torch.cat([attention, attention.new_ones((len(contexts), 1))], dim=1)
-            positions = (next_pos + step).view(1, -1, 1).expand(3, -1, -1)
-            out = self.model(input_ids=picked[:, None], attention_mask=attention, position_ids=positions,
-                             cache=out.cache, use_cache=True, logits_to_keep=1)
-        self._keep_caches(contexts, out.cache, attention, tokens)
+        owners = self._owners(contexts, caches)
+        new = [len(ctx) - (len(c.tokens) if c is not None else 0) for ctx, c in zip(contexts, caches, strict=True)]
+        distinct = [b for b, owner in enumerate(owners) if owner == b]
+        groups = _prefill_groups(new, distinct)
+        logits: list[torch.Tensor | None] = [None] * len(contexts)
+        kvs: list[_KVCache | None] = [None] * len(contexts)
+        for rows in groups:
+            group_logits, group_kvs = self._prefill(contexts, caches, rows)
+            for i, row in enumerate(rows):
+                logits[row], kvs[row] = group_logits[i], group_kvs[i]
+        self.release(contexts)  # the old caches live on in ``kvs``: do not hold them twice while decoding
+        tokens, logprobs = self._decode(contexts, [kvs[o] for o in owners], torch.stack([logits[o] for o in owners]),
+                                        limits, params, stop_ids, stop_strings)
         elapsed = time.perf_counter() - start
+        metrics = {"generate_s": elapsed, "batch_size": float(len(contexts)),
+                   "prefill_tokens": float(sum(new[b] for b in distinct)), "prefill_batches": float(len(groups))}
         generations = []
         for b in range(len(contexts)):
             n, reason, stop = self._cut(tokens[b], stop_ids, stop_strings, limits[b])
             gen = tokens[b][:n]
-            generations.append(Generation(gen, logprobs[b][:n], reason, self.vision.decode(gen), stop,
-                                          {"generate_s": elapsed, "batch_size": float(len(contexts)),
-                                           "prefill_tokens": float(prefill_tokens)}))
+            generations.append(Generation(gen, logprobs[b][:n], reason, self.vision.decode(gen), stop, dict(metrics)))
         return generations
 
-    def _keep_caches(self, contexts: Sequence[EpisodeContext], cache: DynamicCache, attention: torch.Tensor,
-                     tokens: list[list[int]]) -> None:
-        """Cut each row's valid keys and values out of the batch cache: its context plus all generated
-        tokens but the last (which was sampled, never fed)."""
-        fed = cache.layers[0].keys.shape[-2]
-        for b, ctx in enumerate(contexts):
-            keep = len(ctx) + len(tokens[b]) - 1
-            columns = attention[b, :fed].nonzero().squeeze(-1)[:keep]
-            self._caches[ctx] = _KVCache(
-                tokens=ctx.token_ids + tokens[b][:-1],
-                keys=[layer.keys[b][:, columns].clone() for layer in cache.layers],
-                values=[layer.values[b][:, columns].clone() for layer in cache.layers],
-            )
+    def _owners(self, contexts: Sequence[EpisodeContext], caches: list[_KVCache | None]) -> list[int]:
+        """For each row, the row whose prefill it shares: fresh contexts with the same tokens and pixels (the
+        rollouts of one task, a GRPO group, on their first turn) are prefilled once."""
+        owners = list(range(len(contexts)))
+        firsts: dict[tuple[int, ...], list[int]] = {}
+        for b, (ctx, cache) in enumerate(zip(contexts, caches, strict=True)):
+            if cache is not None:
+                continue
+            candidates = firsts.setdefault(tuple(ctx.token_ids), [])
+            owners[b] = next((o for o in candidates if _same_pixels(ctx, contexts[o])), b)
+            if owners[b] == b:
+                candidates.append(b)
+        return owners
+
+    def _prefill(self, contexts: Sequence[EpisodeContext], caches: list[_KVCache | None],
+                 rows: list[int]) -> tuple[torch.Tensor, list[_KVCache]]:
+        """One batched forward over the tokens that ``rows`` gained since their caches: each row's last-position
+        logits (raw) and its keys and values over its whole context."""
+        group = [contexts[r] for r in rows]
+        old = [caches[r] for r in rows]
+        width = max(len(c.tokens) if c is not None else 0 for c in old)
+        cache, cached = self._batch_cache(old, width)
+        inputs = self._prefill_inputs(group, cached, width)
+        out = self.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        kvs = [_cut(out.cache, inputs["attention_mask"], i, ctx.token_ids) for i, ctx in enumerate(group)]
+        return out.logits[:, -1], kvs
+
+    def _decode(self, contexts: Sequence[EpisodeContext], kvs: list[_KVCache], logits: torch.Tensor,
+                limits: list[int], params: SamplingParams, stop_ids: list[int],
+                stop_strings: list[str]) -> tuple[list[list[int]], list[list[float]]]:
+        """Sample every row's turn, one token per step for all rows still running (their caches in one buffer);
+        rows leave the batch once a quarter of it has finished, and every row's cache is kept as it leaves."""
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        width = max(len(kv.tokens) for kv in kvs)
+        cache = _decode_cache(kvs, width, max(limits) - 1)
+        attention = torch.zeros((len(kvs), width + max(limits) - 1), dtype=torch.long, device=self.device)
+        for b, kv in enumerate(kvs):
+            attention[b, width - len(kv.tokens):width] = 1
+        next_pos = torch.tensor([c.next_position for c in contexts], device=self.device)
+        rows = list(range(len(contexts)))  # the context of each batch row
+        tokens: list[list[int]] = [[] for _ in contexts]
+        logprobs: list[list[float]] = [[] for _ in contexts]
+        done = [False] * len(contexts)
+        for step in range(max(limits)):
+            logp = sampling_logprobs(logits, params.temperature, self.vision.vision_token_ids)
+            picked = self._sample(logp, params, generator)
+            picked_logp = logp.gather(-1, picked[:, None]).squeeze(-1).tolist()
+            for i, (b, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
+                if not done[b]:
+                    tokens[b].append(token)
+                    logprobs[b].append(picked_logp[i])
+                    done[b] = self._row_done(tokens[b], limits[b], stop_ids, stop_strings)
+            finished = [i for i, b in enumerate(rows) if done[b]]
+            if len(finished) == len(rows):
+                break
+            if len(finished) * LEAVE_SHARE >= len(rows):
+                self._keep_caches(contexts, cache, attention, [(i, rows[i]) for i in finished], tokens)
+                stay = [i for i, b in enumerate(rows) if not done[b]]
+                attention = _keep_rows(cache, attention, stay)
+                next_pos, picked, rows = next_pos[stay], picked[stay], [rows[i] for i in stay]
+            column = cache.get_seq_length()
+            attention[:, column] = 1
+            positions = (next_pos + step).view(1, -1, 1).expand(3, -1, -1)
+            out = self.model(input_ids=picked[:, None], attention_mask=attention[:, :column + 1],
+                             position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]
+        self._keep_caches(contexts, cache, attention, list(enumerate(rows)), tokens)
+        return tokens, logprobs
+
+    def _keep_caches(self, contexts: Sequence[EpisodeContext], cache: Cache, attention: torch.Tensor,
+                     rows: list[tuple[int, int]], tokens: list[list[int]]) -> None:
+        """Cut the valid keys and values of (batch row, context) pairs out of the decode cache: the context plus
+        all generated tokens but the last (which was sampled, never fed)."""
+        for i, b in rows:
+            self._caches[contexts[b]] = _cut(cache, attention, i, contexts[b].token_ids + tokens[b][:-1])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` [B, V] with those probabilities (inverse CDF: one uniform number per row,
+    where ``torch.multinomial`` took a tenth of a decoding step on the CPU). Never an index of probability 0."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    # u rounded up to the total (or a cut tail) would land on a token of probability 0: take the likeliest
+    return torch.where(probs.gather(-1, picked) > 0, picked, probs.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+# A finished row stays in the decode batch (computed, its tokens ignored) until this share of the batch has
+# finished: dropping rows copies the remaining rows' caches, about the cost of one decoding step.
+LEAVE_SHARE = 4
+# A prefill batch of rows left-padded to its longest holds at most this many token slots per real token: rows
+# that gained an image are not batched with rows that gained a short error message.
+PREFILL_PADDING = 1.5
+
+
+def _prefill_groups(new: list[int], rows: list[int]) -> list[list[int]]:
+    """``rows`` sorted by how many tokens they prefill (``new``), cut into batches of little padding."""
+    groups: list[list[int]] = []
+    for row in sorted(rows, key=lambda r: new[r]):
+        if groups and (len(groups[-1]) + 1) * new[row] <= PREFILL_PADDING * (sum(new[r] for r in groups[-1])
+                                                                              + new[row]):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _same_pixels(a: EpisodeContext, b: EpisodeContext) -> bool:
+    pa, pb = a.pixel_values, b.pixel_values
+    return (pa is None and pb is None) or (pa is not None and pb is not None and torch.equal(pa, pb))
+
+
+class _DecodeLayer(DynamicLayer):
+    """One layer's keys and values while decoding: a buffer allocated once per turn with room for every step, so
+    a step writes its column in place (``DynamicLayer`` concatenates, copying the whole cache at every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.is_initialized, self.device = True, keys.device
+        self._set(keys, values, length)
+
+    def _set(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        self.key_buffer, self.value_buffer, self.length = keys, values, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self._set(self.key_buffer, self.value_buffer, end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def keep_rows(self, rows: torch.Tensor, start: int) -> None:
+        """Keep only these batch rows, and drop the first ``start`` columns (padding in all of them)."""
+        self._set(self.key_buffer[rows, :, start:], self.value_buffer[rows, :, start:], self.length - start)
+
+
+def _decode_cache(kvs: list[_KVCache], width: int, steps: int) -> Cache:
+    """Every row's keys and values right-aligned at column ``width`` of one buffer per layer, with ``steps``
+    free columns after it."""
+    layers = []
+    for layer in range(len(kvs[0].keys)):
+        heads, _, dim = kvs[0].keys[layer].shape
+        keys = kvs[0].keys[layer].new_zeros((len(kvs), heads, width + steps, dim))
+        values = torch.zeros_like(keys)
+        for b, kv in enumerate(kvs):
+            keys[b, :, width - len(kv.tokens):width] = kv.keys[layer]
+            values[b, :, width - len(kv.tokens):width] = kv.values[layer]
+        layers.append(_DecodeLayer(keys, values, width))
+    return Cache(layers=layers)
+
+
+def _keep_rows(cache: Cache, attention: torch.Tensor, stay: list[int]) -> torch.Tensor:
+    """Drop the other rows from the decode cache, and the left padding no staying row needs any more; returns
+    the staying rows' attention mask, cut the same way."""
+    index = torch.tensor(stay, device=attention.device)
+    kept = attention[index]
+    start = int(kept[:, :cache.get_seq_length()].any(dim=0).nonzero()[0])
+    for layer in cache.layers:
+        layer.keep_rows(index, start)
+    return kept[:, start:].contiguous()
+
+
+def _cut(cache: Cache, attention: torch.Tensor, row: int, tokens: list[int]) -> _KVCache:
+    """A batch row's keys and values of its first ``len(tokens)`` attended columns, copied out of a batch cache
+    (one slice when they are contiguous, as after decoding; gathered when padding splits them, as after a prefill
+    of rows that gained different numbers of tokens)."""
+    fed = cache.layers[0].keys.shape[-2]
+    columns = attention[row, :fed].nonzero().squeeze(-1)[:len(tokens)]
+    first, last = int(columns[0]), int(columns[-1])
+    if last - first + 1 == len(columns):
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[row, :, first:last + 1].clone(memory_format=torch.contiguous_format)
+    else:
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[row][:, columns]
+    return _KVCache(tokens=list(tokens), keys=[take(layer.keys) for layer in cache.layers],
+                    values=[take(layer.values) for layer in cache.layers])

@@ -85,6 +85,10 @@ class EnvConfig(Section):
 
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = setting("hf", "Generation engine of the env runners: transformers or vLLM.")
+    hf_kv_cache: bool = setting(True, "engine hf: keep each episode's keys and values between turns (a turn prefills "
+                                      "only what it added; all episodes decode in one batch that finished ones "
+                                      "leave); holds every running episode's cache. false: re-encode every context "
+                                      "every turn with model.generate (slower).")
     prompts_per_iteration: int = setting(16, "Tasks per training iteration (DeepEyes: 256).", ge=1)
     rollouts_per_prompt: int = setting(4, "Rollouts of each task: the GRPO group size (DeepEyes: 16).", ge=1)
     temperature: float = setting(1.0, "Sampling temperature; logprobs are recorded and recomputed at this "

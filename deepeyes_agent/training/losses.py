@@ -2,13 +2,14 @@
 
 The token-level terms (``aggregate_loss``, ``policy_loss``, ``kl_penalty``, ``value_loss``) are pure functions
 over padded ``[B, T]`` tensors that touch only tokens whose ``loss_mask`` is 1 (``masked.py``).
-:func:`rl_loss_from_logits` assembles them for one micro-batch: log-probabilities are recomputed in the
-distribution the engine sampled from (``policy.logprobs``), the clipped policy-gradient loss, the optional KL
-to a frozen reference and the optional entropy bonus are taken over generated tokens only, and with PPO
-(``algorithm.advantage: gae``) a linear value head reads the same forward's last hidden state and its clipped
-value loss joins the total. Every term is divided by a ``normalizer`` that the caller computes over the whole
-optimizer step (all micro-batches, all learners), so that summing the gradients of micro-batches and learners
-gives exactly the gradient of the full-batch loss.
+:func:`rl_loss` assembles them for one micro-batch from the backbone's last hidden state: log-probabilities
+and entropies are recomputed in the distribution the engine sampled from (``policy.logprobs.token_stats``),
+for the generated tokens only (their hidden states are gathered before the LM head, which never builds the
+[B, T, V] logits), the clipped policy-gradient loss, the optional KL to a frozen reference and the optional
+entropy bonus are taken over those tokens, and with PPO (``algorithm.advantage: gae``) a linear value head
+reads the same hidden state and its clipped value loss joins the total. Every term is divided by a
+``normalizer`` that the caller computes over the whole optimizer step (all micro-batches, all learners), so
+that summing the gradients of micro-batches and learners gives exactly the gradient of the full-batch loss.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from deepeyes_agent.policy.logprobs import model_inputs, shifted_token_stats
+from deepeyes_agent.policy.logprobs import last_hidden_state, token_stats
 from deepeyes_agent.training.masked import as_bool, masked_mean, masked_sum, zero_masked
 
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
@@ -197,20 +198,10 @@ class LossSettings:
     vf_clip: float | None = 0.2
 
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The training forward: logits [B, T, V] of a collated batch (mRoPE positions, pixels, grids)."""
-    return model(**model_inputs(batch), use_cache=False).logits
-
-
 def values_per_token(state_values: Tensor) -> Tensor:
     """Critic outputs ``[B, T]`` (entry i: value after reading token i) -> the value of the state each token
     was sampled in: entry i becomes V(tokens before i), entry 0 is 0. Same convention as the logprobs."""
     return torch.cat([torch.zeros_like(state_values[:, :1]), state_values[:, :-1]], dim=1)
-
-
-def last_hidden_state(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The backbone alone (vision tower + language model, no LM head): the last, normed hidden state [B, T, H]."""
-    return model.model(**model_inputs(batch), use_cache=False).last_hidden_state
 
 
 def critic_values(value_head: torch.nn.Module, hidden: Tensor) -> Tensor:
@@ -220,35 +211,35 @@ def critic_values(value_head: torch.nn.Module, hidden: Tensor) -> Tensor:
 
 def forward_with_values(model: torch.nn.Module, value_head: torch.nn.Module | None,
                         batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-    """The training forward: logits [B, T, V] and, with a value head, per-token values [B, T] (else None).
-
-    One pass through the backbone; the LM head and the value head both read its last hidden state.
-    """
+    """The training forward: the last hidden state [B, T, H] and, with a value head, per-token values [B, T]
+    (else None). One pass through the backbone; :func:`rl_loss` runs the LM head on the hidden state."""
     hidden = last_hidden_state(model, batch)
-    return model.lm_head(hidden), None if value_head is None else critic_values(value_head, hidden)
+    return hidden, None if value_head is None else critic_values(value_head, hidden)
 
 
 def sampled_token_stats(model: torch.nn.Module, batch: dict[str, Tensor], temperature: float,
-                        suppress_token_ids: Sequence[int], with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Forward pass + :func:`token_stats_from_logits`."""
-    return shifted_token_stats(forward_logits(model, batch), batch["input_ids"], temperature,
-                                   suppress_token_ids, with_entropy)
+                        suppress_token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Logprobs and entropies [B, T] of the batch's generated (loss-mask 1) tokens under ``model``, 0 elsewhere:
+    the KL reference's pass and SFT's."""
+    return token_stats(last_hidden_state(model, batch), model.lm_head, batch["input_ids"], batch["loss_mask"],
+                       temperature, suppress_token_ids)
 
 
-def rl_loss_from_logits(logits: Tensor, batch: dict[str, Tensor], settings: LossSettings,
-                        suppress_token_ids: Sequence[int], normalizer: float,
-                        ref_logprobs: Tensor | None = None, values: Tensor | None = None,
-                        ) -> tuple[Tensor, dict[str, float]]:
+def rl_loss(lm_head: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], settings: LossSettings,
+            suppress_token_ids: Sequence[int], normalizer: float, ref_logprobs: Tensor | None = None,
+            values: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The loss of one micro-batch (a share of the full-batch loss) and its metrics (sums over tokens).
 
     loss = policy_loss + kl_coef * KL(policy || reference) - entropy_coef * entropy [+ vf_coef * value_loss],
-    each aggregated with ``settings.loss_agg`` and divided by ``normalizer``. ``batch`` is ``collate_episodes``
+    each aggregated with ``settings.loss_agg`` and divided by ``normalizer``. ``hidden`` is the backbone's last
+    hidden state (:func:`forward_with_values`) and ``lm_head`` the policy's; ``batch`` is ``collate_episodes``
     output (``loss_mask``, ``old_logprobs``, ``advantages``; with a critic also ``old_values``, ``returns``);
     ``ref_logprobs`` is needed when ``kl_coef`` is set; ``values`` (the critic's, with grad) add the clipped
     value loss of PPO.
     """
     mask = batch["loss_mask"]
-    logprobs, entropy = shifted_token_stats(logits, batch["input_ids"], settings.temperature, suppress_token_ids)
+    logprobs, entropy = token_stats(hidden, lm_head, batch["input_ids"], mask, settings.temperature,
+                                    suppress_token_ids)
     loss, pg_metrics = policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio_low=settings.clip_ratio_low,
         clip_ratio_high=settings.clip_ratio_high, clip_ratio_c=settings.clip_ratio_c, agg_mode=settings.loss_agg,
@@ -287,7 +278,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, Tensor], suppress_token_id
              normalizer: float) -> tuple[Tensor, dict[str, float]]:
     """Negative log-likelihood of the demonstrated (loss-mask 1) tokens, summed and divided by ``normalizer``."""
     mask = batch["loss_mask"]
-    logprobs, _ = sampled_token_stats(model, batch, 1.0, suppress_token_ids, with_entropy=False)
+    logprobs, _ = sampled_token_stats(model, batch, 1.0, suppress_token_ids)
     nll = -masked_sum(logprobs, mask)
     return nll / normalizer, {"nll_sum": float(nll.detach()), "tokens": float(mask.sum())}
 

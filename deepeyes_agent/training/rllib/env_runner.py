@@ -62,7 +62,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                         max_pixels=self.run.model.max_pixels)
         model = self.run.model
         self.engine = make_engine(self.run.rollout.engine, model.path, self.processor, dtype=model.dtype,
-                                  attn_implementation=model.attn_implementation, vllm_kwargs=self.run.rollout.vllm)
+                                  attn_implementation=model.attn_implementation, vllm_kwargs=self.run.rollout.vllm,
+                                  kv_cache=self.run.rollout.hf_kv_cache)
         self.judge = make_judge(self.run.rollout.judge)
         self.sources = {"train": make_task_source(self.run.data, "train"),
                         "eval": make_task_source(self.run.data, "eval")}

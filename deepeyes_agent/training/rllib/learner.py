@@ -37,9 +37,10 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deepeyes_agent.policy.loading import load_model, load_processor
+from deepeyes_agent.policy.logprobs import shard_aware_scoring
 from deepeyes_agent.training.batch import PackedEpisode, collate_episodes, micro_batches
 from deepeyes_agent.training.lockstep import is_filler, lockstep_micro_batches, vision_filler
-from deepeyes_agent.training.losses import LossSettings, rl_loss_from_logits, sampled_token_stats, sft_loss
+from deepeyes_agent.training.losses import LossSettings, rl_loss, sampled_token_stats, sft_loss
 
 
 class LLMLearner(TorchLearner):
@@ -112,10 +113,13 @@ class LLMLearner(TorchLearner):
         group (``lr_scale``), so it is saved with the optimizer in checkpoints and ``_step`` keeps applying it.
 
         Why a scale of its own: Adam turns the tower's small gradients into full-size steps, so at a text
-        model's learning rate a pretrained tower is wiped within tens of steps (docs/training.md)."""
+        model's learning rate a pretrained tower is wiped within tens of steps (docs/training.md). At a scale of
+        1 there is one group, as before the setting existed, so checkpoints of that time still restore."""
         scale = self.config.deepeyes.optim.vision_lr_scale
-        vision = {id(p) for p in self.model.model.visual.parameters()}
         trainable = self.trainable_parameters
+        if scale == 1.0:
+            return [{"params": trainable, "lr": lr, "lr_scale": 1.0}]
+        vision = {id(p) for p in self.model.model.visual.parameters()}
         groups = [{"params": [p for p in trainable if id(p) not in vision], "lr": lr, "lr_scale": 1.0},
                   {"params": [p for p in trainable if id(p) in vision], "lr": lr * scale, "lr_scale": scale}]
         return [g for g in groups if g["params"]]
@@ -180,17 +184,18 @@ class LLMLearner(TorchLearner):
         """RLlib's loss hook: the clipped policy loss (+ KL, - entropy, + value loss) of one collated micro-batch.
 
         ``batch`` is ``collate_episodes`` output plus ``normalizer`` (the step's global token count);
-        ``fwd_out`` (``logits``, with a critic ``values``) comes from the module's ``forward_train``.
-        Metrics go to ``_loss_metrics``.
+        ``fwd_out`` (``hidden``, with a critic ``values``) comes from the module's ``forward_train``; the LM head
+        (of the policy, and of the KL reference) scores the generated tokens only. Metrics go to ``_loss_metrics``.
         """
         settings = self.loss_settings
         ref_logprobs = None
         if settings.kl_coef != 0.0:
             with torch.no_grad():
                 ref_logprobs, _ = sampled_token_stats(self.ref_model, batch, settings.temperature,
-                                                      self.suppress_token_ids, with_entropy=False)
-        loss, self._loss_metrics = rl_loss_from_logits(fwd_out["logits"], batch, settings, self.suppress_token_ids,
-                                                       float(batch["normalizer"]), ref_logprobs, fwd_out.get("values"))
+                                                      self.suppress_token_ids)
+        loss, self._loss_metrics = rl_loss(self.model.lm_head, fwd_out["hidden"], batch, settings,
+                                           self.suppress_token_ids, float(batch["normalizer"]), ref_logprobs,
+                                           fwd_out.get("values"))
         return loss
 
     # ------------------------------------------------------------------ one optimizer step
@@ -353,7 +358,9 @@ class LLMLearner(TorchLearner):
 
 def _shard_qwen_vl(model: torch.nn.Module, mesh: Any) -> list[torch.nn.Module]:
     """FSDP2 on every vision block and decoder layer, then on the backbone and the LM head, which the forward
-    calls separately (``losses.forward_with_values``) and so are roots each; returns the roots.
+    calls separately (``losses.forward_with_values``, then ``policy.logprobs.token_stats``) and so are roots
+    each; returns the roots. The LM head is used through its ``score_tokens`` method, not its forward, so that
+    method is registered with FSDP2 (``shard_aware_scoring``).
 
     Roots reshard after their forward too (FSDP2 keeps a root gathered by default): a root left gathered by a
     forward without gradients (PPO's critic pass before the update) made the next backward lose most of its
@@ -364,7 +371,9 @@ def _shard_qwen_vl(model: torch.nn.Module, mesh: Any) -> list[torch.nn.Module]:
     backbone = model.model
     for block in list(backbone.visual.blocks) + list(backbone.language_model.layers):
         fully_shard(block, mesh=mesh)
-    return [fully_shard(root, mesh=mesh, reshard_after_forward=True) for root in (backbone, model.lm_head)]
+    roots = [fully_shard(root, mesh=mesh, reshard_after_forward=True) for root in (backbone, model.lm_head)]
+    shard_aware_scoring(model.lm_head)
+    return roots
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

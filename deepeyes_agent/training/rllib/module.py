@@ -59,8 +59,10 @@ class QwenVLModule(TorchRLModule):
             torch.nn.init.zeros_(self.value_head.bias)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        logits, values = forward_with_values(self.model, self.value_head, batch)
-        return {"logits": logits} if values is None else {"logits": logits, "values": values}
+        """The backbone's last hidden state (the loss runs the LM head on its generated tokens only) and, with
+        the critic, the per-token values."""
+        hidden, values = forward_with_values(self.model, self.value_head, batch)
+        return {"hidden": hidden} if values is None else {"hidden": hidden, "values": values}
 
     @torch.no_grad()
     def compute_values(self, batch: dict[str, Any]) -> torch.Tensor:
