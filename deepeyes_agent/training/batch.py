@@ -46,6 +46,8 @@ class PackedEpisode:
     advantages: list[float] | None = None  # per token, filled by the driver
     values: list[float] | None = None  # PPO: the critic's per-token values before the update
     returns: list[float] | None = None  # PPO: per-token targets of the value loss
+    weight_version: int = 0  # the policy version (learner updates so far) the env runner sampled with
+    is_weights: list[float] | None = None  # per token: truncated importance weights of a stale episode
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -112,11 +114,18 @@ def assign_advantages(episodes: Sequence[PackedEpisode], estimator: str, *, norm
 
 
 def collate_episodes(episodes: Sequence[PackedEpisode], device: str | torch.device | None = None) -> dict:
-    """``chat.collate`` of the episodes plus their per-token ``advantages`` [B, T] (0 on padding), and with a
-    critic the ``old_values`` and ``returns`` of PPO's value loss."""
+    """``chat.collate`` of the episodes plus their per-token ``advantages`` [B, T] (0 on padding), with stale
+    episodes ``is_weights`` (1 for fresh ones), and with a critic the ``old_values`` and ``returns`` of PPO's
+    value loss."""
     batch = collate(episodes, device=device)
     device = batch["input_ids"].device
     batch["advantages"] = padded(episodes, "advantages").to(device)
+    if any(ep.is_weights is not None for ep in episodes):  # asynchronous training: some episodes are stale
+        weights = torch.ones_like(batch["advantages"])
+        for b, ep in enumerate(episodes):
+            if ep.is_weights is not None:
+                weights[b, :len(ep)] = torch.tensor(ep.is_weights, dtype=torch.float32)
+        batch["is_weights"] = weights
     if all(ep.returns is not None for ep in episodes):
         batch["old_values"] = padded(episodes, "values").to(device)
         batch["returns"] = padded(episodes, "returns").to(device)

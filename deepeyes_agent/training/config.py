@@ -133,6 +133,11 @@ class AlgoConfig(Section):
                                         "short after them trains on the groups it has.", ge=1)
     mask_over_turn: bool = setting(False, "Leave episodes cut off at max_turns out of the loss and of their group's "
                                           "baseline instead of scoring them (Mini-o3's over-turn masking).")
+    max_staleness: int = setting(0, "Asynchronous training: env runners keep sampling while the learners update, "
+                                    "and a batch may come from weights up to this many updates old; older batches "
+                                    "are dropped and counted (0: sample, then learn, in turn).", ge=0)
+    is_truncation: float = setting(2.0, "Asynchronous training: cap of the importance weight pi_proximal / "
+                                        "pi_behaviour that corrects the loss of a stale episode.", gt=0.0)
 
 
 class OptimConfig(Section):
@@ -245,6 +250,9 @@ class TrainConfig(Section):
         if self.data.agentic_fraction is not None and self.data.source == "synthetic":
             problems.append("data.agentic_fraction mixes the agentic and plain rows of a file; the synthetic source "
                             "has one kind")
+        if algo.max_staleness > 0 and self.resources.num_env_runners < 1:
+            problems.append("algorithm.max_staleness > 0 samples on env runners while the driver learns: set "
+                            "resources.num_env_runners >= 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self

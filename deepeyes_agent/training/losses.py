@@ -69,6 +69,7 @@ def policy_loss(
     clip_ratio_c: float | None = None,
     agg_mode: str = "token-mean",
     normalizer: float | Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, optionally dual-clipped; returns (loss, metrics).
 
@@ -81,6 +82,11 @@ def policy_loss(
     Dual clip (``clip_ratio_c``, e.g. 3.0, must be > 1): for A < 0 the max above is unbounded in the ratio,
     so one stale token whose probability grew a lot since sampling can produce a huge loss and gradient.
     The dual clip caps that token's loss at -A * clip_ratio_c (its gradient becomes 0).
+
+    ``is_weights`` (asynchronous training, decoupled PPO): for an episode sampled by a policy older than the one
+    about to be updated, ``old_logprobs`` are the current (proximal) policy's and each token's loss is scaled by
+    its truncated importance weight min(pi_proximal / pi_behaviour, c), which corrects for the stale sampler
+    without letting one unlikely token dominate; the clip then bounds the update around the proximal policy.
 
     Metrics (detached scalars over generated tokens): ``clip_fraction`` (the clip bound is active),
     ``dual_clip_fraction``, ``approx_kl`` (k3 of old vs new, always >= 0), ``approx_kl_k1``,
@@ -105,6 +111,8 @@ def policy_loss(
         cap = -adv * clip_ratio_c
         is_dual_clipped = (adv < 0) & (token_loss > cap)
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, cap), token_loss)
+    if is_weights is not None:
+        token_loss = token_loss * zero_masked(is_weights, mask)
 
     loss = aggregate_loss(token_loss, mask, agg_mode, normalizer)
     with torch.no_grad():
@@ -233,7 +241,8 @@ def rl_loss(lm_head: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], 
     loss = policy_loss + kl_coef * KL(policy || reference) - entropy_coef * entropy [+ vf_coef * value_loss],
     each aggregated with ``settings.loss_agg`` and divided by ``normalizer``. ``hidden`` is the backbone's last
     hidden state (:func:`forward_with_values`) and ``lm_head`` the policy's; ``batch`` is ``collate_episodes``
-    output (``loss_mask``, ``old_logprobs``, ``advantages``; with a critic also ``old_values``, ``returns``);
+    output (``loss_mask``, ``old_logprobs``, ``advantages``, with stale episodes ``is_weights``; with a critic
+    also ``old_values``, ``returns``);
     ``ref_logprobs`` is needed when ``kl_coef`` is set; ``values`` (the critic's, with grad) add the clipped
     value loss of PPO.
     """
@@ -243,7 +252,7 @@ def rl_loss(lm_head: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], 
     loss, pg_metrics = policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio_low=settings.clip_ratio_low,
         clip_ratio_high=settings.clip_ratio_high, clip_ratio_c=settings.clip_ratio_c, agg_mode=settings.loss_agg,
-        normalizer=normalizer,
+        normalizer=normalizer, is_weights=batch.get("is_weights"),
     )
     n_tokens = float(mask.sum())
     gap = (logprobs.detach() - batch["old_logprobs"]).abs() * mask

@@ -39,6 +39,7 @@ from deepeyes_agent.training.demonstrations import demonstrations
 from deepeyes_agent.training.health import CollapseAlarm, informative_groups, without_over_turn
 from deepeyes_agent.training.losses import token_count
 from deepeyes_agent.training.masked import masked_var
+from deepeyes_agent.training.rllib.async_sampling import DEPTH, AsyncSampler
 from deepeyes_agent.training.rllib.env_runner import LLMEnvRunner, RunnerBatch
 from deepeyes_agent.training.rllib.learner import LLMLearner
 from deepeyes_agent.training.rllib.module import QwenVLModule
@@ -93,7 +94,8 @@ class DeepEyesConfig(AlgorithmConfig):
                          num_gpus_per_env_runner=res.num_gpus_per_env_runner,
                          custom_resources_per_env_runner=dict(res.env_runner_resources),
                          create_local_env_runner=res.num_env_runners == 0,
-                         sample_timeout_s=res.sample_timeout_s)
+                         sample_timeout_s=res.sample_timeout_s,
+                         max_requests_in_flight_per_env_runner=DEPTH if run.algorithm.max_staleness else 1)
         self.learners(num_learners=res.num_learners, num_cpus_per_learner=res.num_cpus_per_learner,
                       num_gpus_per_learner=res.num_gpus_per_learner)
         self.fault_tolerance(restart_failed_env_runners=res.restart_failed_env_runners)
@@ -145,6 +147,8 @@ class DeepEyesAlgorithm(Algorithm):
         self.bad_rows: dict[str, dict[str, Any]] = {}  # "split:index" -> BadRow record, over the run
         self.rows_read: set[int] = set()  # training rows asked for, over the run
         self.last_eval_samples: list[Any] = []
+        self.policy_version = 0  # learner updates so far; env runners stamp it on the episodes they sample
+        self.sampler = AsyncSampler(self, run.algorithm.max_staleness) if run.algorithm.max_staleness else None
         self.sync_policy_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
@@ -170,6 +174,8 @@ class DeepEyesAlgorithm(Algorithm):
             self.stage_learner_state()
             env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
                                           to_worker_indices=restored)
+            if self.sampler is not None:
+                self.sampler.runner_version.update(dict.fromkeys(restored, self.policy_version))
         return restored
 
     def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
@@ -288,6 +294,12 @@ class DeepEyesAlgorithm(Algorithm):
                                "(`python -m deepeyes_envs.datasets check FILE` reports every bad row of a file)")
         return fresh
 
+    def trajectories_to_keep(self, iteration: int) -> int:
+        """How many of iteration ``iteration``'s trajectories to save (``logging.save_trajectories_every``)."""
+        logging = self.config.deepeyes.logging
+        every = logging.save_trajectories_every
+        return logging.n_saved_trajectories if every and (iteration + 1) % every == 0 else 0
+
     def current_lr(self) -> float:
         optim = self.config.deepeyes.optim
         if optim.warmup_iterations > 0:
@@ -301,10 +313,12 @@ class DeepEyesAlgorithm(Algorithm):
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        keep = run.logging.n_saved_trajectories if (
-            run.logging.save_trajectories_every and (iteration + 1) % run.logging.save_trajectories_every == 0) else 0
-        episodes, results, batch_stats = self.collect_batch(iteration, keep)
+        if self.sampler is not None:
+            episodes, results, batch_stats = self.sampler.collect(iteration)
+        else:
+            episodes, results, batch_stats = self.collect_batch(iteration, self.trajectories_to_keep(iteration))
         timings["rollout_s"] = time.perf_counter() - start
+        staleness = [self.policy_version - e.weight_version for e in episodes]
         timings["judge_s"] = max((r.timings.get("judge_s", 0.0) for r in results), default=0.0)
         timings["generate_s"] = max((r.timings.get("generate_s", 0.0) for r in results), default=0.0)
         played = [e for r in results for e in r.episodes]
@@ -323,8 +337,10 @@ class DeepEyesAlgorithm(Algorithm):
                               gamma=run.algorithm.gamma, lam=run.algorithm.lam)
             start = time.perf_counter()
             stats = self.update_policy(episodes, lr)
+            self.policy_version += 1
             timings["update_s"] = time.perf_counter() - start
-            timings["weight_sync_s"] = self.sync_policy_weights()
+            if self.sampler is None:  # else the sampler gives runners new weights when they are idle
+                timings["weight_sync_s"] = self.sync_policy_weights()
 
         tokens = max(1.0, stats.get("tokens", 0.0))
         all_tokens = float(sum(len(e) for e in episodes))
@@ -346,6 +362,10 @@ class DeepEyesAlgorithm(Algorithm):
             / max(timings["rollout_s"], 1e-9),
             "env_runners": float(len(results)),
             "env_runner_restarts": float(self.restored_env_runners),
+            "async/staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
+            "async/staleness_max": float(max(staleness, default=0)),
+            "async/is_weight_mean": stats.get("is_weight_sum", 0.0) / max(1.0, stats.get("stale_tokens", 0.0)),
+            "async/is_truncated_fraction": stats.get("is_truncated", 0.0) / max(1.0, stats.get("stale_tokens", 0.0)),
             **{f"time/{k}": v for k, v in timings.items()},
         }
         if run.logging.collapse_patience:
@@ -427,6 +447,8 @@ class DeepEyesAlgorithm(Algorithm):
             "schedule": self.schedule.get_state(), "sft_done": self.sft_done,
             "collapse_alarm": self.collapse_alarm.get_state(),
             "bad_rows": self.bad_rows, "rows_read": sorted(self.rows_read),
+            "policy_version": self.policy_version,
+            "pending_tasks": self.sampler.pending_tasks() if self.sampler is not None else [],
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         return state
@@ -440,6 +462,9 @@ class DeepEyesAlgorithm(Algorithm):
             if "collapse_alarm" in own:  # checkpoints of before the alarm and the bad rows have none
                 self.collapse_alarm.set_state(own["collapse_alarm"])
                 self.bad_rows, self.rows_read = dict(own["bad_rows"]), set(own["rows_read"])
+            self.policy_version = int(own.get("policy_version", 0))  # checkpoints of before async have none
+            if self.sampler is not None:
+                self.sampler.requeued = list(own.get("pending_tasks", []))
             random.setstate(own["rng"]["python"])
             np.random.set_state(own["rng"]["numpy"])
             torch.set_rng_state(own["rng"]["torch"])

@@ -49,6 +49,7 @@ class RunnerBatch:
     node_id: str
     pid: int
     worker_index: int
+    weight_version: int  # the policy version these episodes were sampled with
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -124,9 +125,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 bad_rows.append({**traj.info["bad_row"], "index": rows[traj.group_id], "split": split})
             if traj.context is None:  # skipped: a bad task, or a prompt alone over the budget
                 continue
-            episodes.append(PackedEpisode.from_context(
-                traj.context, reward=traj.reward, group_id=group_offset + traj.group_id, task_id=traj.task_id,
-                metrics=episode_metrics(traj)))
+            episode = PackedEpisode.from_context(traj.context, reward=traj.reward, task_id=traj.task_id,
+                                                 group_id=group_offset + traj.group_id, metrics=episode_metrics(traj))
+            episode.weight_version = self.weights_seq_no
+            episodes.append(episode)
         samples = []
         for traj in list(trajectories)[:keep]:
             traj.context = None  # holds the processor; the saved format does not need it
@@ -137,7 +139,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         judge_stats = self.judge.stats() if hasattr(self.judge, "stats") else {}
         return RunnerBatch(episodes=episodes, samples=samples, timings=timings, judge_stats=judge_stats,
                            bad_rows=bad_rows, node_id=self.node_id, pid=os.getpid(),
-                           worker_index=self.worker_index or 0)
+                           worker_index=self.worker_index or 0, weight_version=self.weights_seq_no)
 
     def read_tasks(self, split: str, indices: Sequence[int]) -> tuple[list[Task], list[int], list[dict[str, Any]]]:
         """The tasks of these rows, the rows they came from, and the rows that cannot become a task (BadRow

@@ -26,6 +26,7 @@ in lockstep (``lockstep.py``), and the KL reference, if any, is sharded like the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -233,9 +234,11 @@ class LLMLearner(TorchLearner):
         run = self.config.deepeyes
         optimizer = self.get_optimizer(DEFAULT_MODULE_ID)
         params = self.trainable_parameters
-        self.model.train()
         self._clear_staged_state()
         totals: dict[str, float] = {}
+        if run.algorithm.max_staleness > 0:
+            minibatches = [(self.decoupled(episodes, totals), normalizer) for episodes, normalizer in minibatches]
+        self.model.train()
         grad_norms = []
         for _ in range(epochs):
             for episodes, normalizer in minibatches:
@@ -260,9 +263,39 @@ class LLMLearner(TorchLearner):
                         totals[k] = totals.get(k, 0.0) + v
                 grad_norms.append(self._step(optimizer, params, lr, run.optim.grad_clip))
         self.model.eval()
+        self._weights_seq_no += 1  # the policy version, as RLlib's own update counts it; weight syncs carry it
         totals["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         totals["optimizer_steps"] = float(len(grad_norms))
         return totals
+
+    def decoupled(self, episodes: Sequence[PackedEpisode], totals: dict[str, float]) -> list[PackedEpisode]:
+        """Asynchronous training: my episodes, those sampled with an older policy than mine made decoupled-PPO
+        ready. Their ``logprobs`` become the current (proximal) policy's, scored here before any step, and
+        their ``is_weights`` the truncated ratio min(pi_proximal / pi_behaviour, ``algorithm.is_truncation``)
+        per token; fresh episodes pass unchanged. Every learner scores all of its micro-batches, so sharded
+        learners stay in lockstep; counts of stale tokens and truncated weights go to ``totals``."""
+        settings, cap = self.loss_settings, self.config.deepeyes.algorithm.is_truncation
+        out = []
+        self.model.eval()
+        with torch.no_grad():
+            for chunk in self._micro_batches(episodes):
+                batch = collate_episodes(chunk, device=self.device)
+                proximal, _ = sampled_token_stats(self.model, batch, settings.temperature, self.suppress_token_ids)
+                ratio = torch.exp(proximal - batch["old_logprobs"]).cpu()
+                proximal = proximal.cpu()
+                for b, ep in enumerate(chunk):
+                    if is_filler(ep):
+                        continue
+                    if ep.weight_version >= self._weights_seq_no:
+                        out.append(ep)
+                        continue
+                    n, mask = len(ep), torch.tensor(ep.loss_mask, dtype=torch.bool)
+                    weights = torch.where(mask, ratio[b, :n].clamp(max=cap), torch.ones(n))
+                    totals["stale_tokens"] = totals.get("stale_tokens", 0.0) + float(mask.sum())
+                    totals["is_weight_sum"] = totals.get("is_weight_sum", 0.0) + float(weights[mask].sum())
+                    totals["is_truncated"] = totals.get("is_truncated", 0.0) + float((ratio[b, :n][mask] > cap).sum())
+                    out.append(dataclasses.replace(ep, logprobs=proximal[b, :n].tolist(), is_weights=weights.tolist()))
+        return out
 
     def critic_values(self, episodes: Sequence[PackedEpisode]) -> list[list[float]]:
         """PPO: the value head's per-token values of my episodes under the current (pre-update) model.
