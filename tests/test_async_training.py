@@ -76,6 +76,10 @@ def test_staleness_one_samples_during_updates_corrects_and_drops(ray_local, tiny
         assert len(pending) == curves[-1]["async/queued_groups"] == 4
         state = algo.get_state()
         assert state["deepeyes"]["pending_tasks"] == pending and state["deepeyes"]["policy_version"] == 3
+        # held-out evaluation plays with the current weights, though the runners were busy since the last update
+        algo.evaluate_heldout(n_tasks=2)
+        versions = algo.env_runner_group.foreach_env_runner(lambda r: r.weights_seq_no, local_env_runner=False)
+        assert versions == [algo.policy_version] * 2
         # Tighten the bound: the batch already playing was sampled one update ago, so it is dropped,
         # counted, and the iteration refills with fresh groups.
         algo.sampler.max_staleness = 0

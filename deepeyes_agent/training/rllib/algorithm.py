@@ -397,6 +397,8 @@ class DeepEyesAlgorithm(Algorithm):
         n = min(self.n_eval_tasks, n_tasks or self.n_eval_tasks)
         if n == 0:
             return {}
+        if self.sampler is not None:  # asynchronous: runners get new weights only when given work; these are due
+            self.sampler.sync_weights(self.env_runner_group.healthy_env_runner_ids())
         results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1, keep=keep,
                                        temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
         self.last_eval_samples = [s for r in results for s in r.samples]
