@@ -95,16 +95,20 @@ def write(path, rows) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
 
 
-@pytest.fixture
-def sixteen_rows(tmp_path):
+def write_sixteen_rows(directory):
     """The case from the issue: three corrupt PNGs in 16 rows, plus a row without reward_model."""
     rows = [deepeyes_row(i, env_name="visual_toolbox_v2") for i in range(16)]
     for i in (2, 7, 11):
         rows[i]["images"] = [{"bytes": CORRUPT, "path": None}]
     rows[13]["reward_model"] = None
-    path = tmp_path / "train.parquet"
+    path = directory / "train.parquet"
     write(path, rows)
     return path
+
+
+@pytest.fixture
+def sixteen_rows(tmp_path):
+    return write_sixteen_rows(tmp_path)
 
 
 def test_check_reports_every_bad_row(sixteen_rows):

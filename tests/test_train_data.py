@@ -90,16 +90,9 @@ def test_a_mixed_run_trains_on_both_kinds_of_rows(ray_local, tiny_model_dir, tmp
 
 def bad_rows_parquet(tmp_path):
     """16 DeepEyes rows, three with a corrupt PNG and one without reward_model (the case of issue 11)."""
-    from test_tasks_bad_rows import CORRUPT, write
-    from test_tasks_parquet import deepeyes_row
+    from test_tasks_bad_rows import write_sixteen_rows
 
-    rows = [deepeyes_row(i, env_name="visual_toolbox_v2") for i in range(16)]
-    for i in (2, 7, 11):
-        rows[i]["images"] = [{"bytes": CORRUPT, "path": None}]
-    rows[13]["reward_model"] = None
-    path = tmp_path / "train.parquet"
-    write(path, rows)
-    return path
+    return write_sixteen_rows(tmp_path)
 
 
 def train_py(tmp_path, model_dir, *overrides):
