@@ -70,7 +70,7 @@ class AsyncSampler:
         self.in_flight: dict[int, list[Chunk]] = {}  # env runner id -> its chunks, the playing one first
         self.arrived: list[Arrived] = []
         self.runner_version: dict[int, int] = {}  # env runner id -> the policy version it holds
-        self.requeued: list[int] = []  # tasks of a restored checkpoint's unfinished chunks, played first
+        self.requeued: list[int] = []  # tasks handed out but never played (a dead runner, a restore): first again
         self.next_group = 0
         self.target_iteration, self.chunk_index = -1, 0  # the iteration chunks go out for, and how many did
         self.dropped_groups = 0  # over the run: groups too stale to learn from
@@ -87,10 +87,11 @@ class AsyncSampler:
         horizon = wanted * (1 + ahead)  # groups kept in flight or waiting
         allowance = wanted * (rounds + ahead)  # tasks this call may hand out: a batch short of groups ends
         start = time.perf_counter()
+        timeout = run.resources.sample_timeout_s
         while self.drop_stale() < wanted:
             allowance -= self.launch(iteration, horizon, allowance)
-            if not self.in_flight:
-                break
+            if not self.in_flight or (self.groups_ready() and time.perf_counter() - start > timeout):
+                break  # as the synchronous batch does, learn from what came back; late chunks stay queued
             self.receive()
         self.stats["time/wait_s"] = time.perf_counter() - start
         episodes, results, tasks = self.take(wanted)
