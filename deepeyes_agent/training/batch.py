@@ -80,9 +80,10 @@ def padded_loss_mask(episodes: Sequence[PackedEpisode]) -> torch.Tensor:
     return mask
 
 
-def padded(episodes: Sequence[PackedEpisode], attribute: str) -> torch.Tensor:
-    """[B, T] float32 of a per-token attribute (``advantages``, ``values``, ``returns``), right-padded with 0."""
-    out = torch.zeros(len(episodes), max(len(e) for e in episodes), dtype=torch.float32)
+def padded(episodes: Sequence[PackedEpisode], attribute: str, fill: float = 0.0) -> torch.Tensor:
+    """[B, T] float32 of a per-token attribute (``advantages``, ``values``, ``returns``, ``is_weights``),
+    ``fill`` on padding and for episodes without it."""
+    out = torch.full((len(episodes), max(len(e) for e in episodes)), fill, dtype=torch.float32)
     for b, ep in enumerate(episodes):
         if getattr(ep, attribute) is not None:
             out[b, :len(ep)] = torch.tensor(getattr(ep, attribute), dtype=torch.float32)
@@ -121,11 +122,7 @@ def collate_episodes(episodes: Sequence[PackedEpisode], device: str | torch.devi
     device = batch["input_ids"].device
     batch["advantages"] = padded(episodes, "advantages").to(device)
     if any(ep.is_weights is not None for ep in episodes):  # asynchronous training: some episodes are stale
-        weights = torch.ones_like(batch["advantages"])
-        for b, ep in enumerate(episodes):
-            if ep.is_weights is not None:
-                weights[b, :len(ep)] = torch.tensor(ep.is_weights, dtype=torch.float32)
-        batch["is_weights"] = weights
+        batch["is_weights"] = padded(episodes, "is_weights", fill=1.0).to(device)
     if all(ep.returns is not None for ep in episodes):
         batch["old_values"] = padded(episodes, "values").to(device)
         batch["returns"] = padded(episodes, "returns").to(device)

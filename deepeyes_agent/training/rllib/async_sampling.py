@@ -43,8 +43,6 @@ class Chunk:
 
     tasks: list[int]
     group_base: int
-    seed: int
-    keep: int
 
     def task_of(self, group_id: int) -> int:
         return self.tasks[group_id - self.group_base]
@@ -142,7 +140,7 @@ class AsyncSampler:
             self.target_iteration, self.chunk_index = iteration, 0
         seed = run.seed * 1_000_003 + iteration * 101 + 7919 * self.chunk_index
         keep = self.algo.trajectories_to_keep(iteration) if self.chunk_index == 0 else 0
-        chunk = Chunk(tasks=tasks, group_base=self.next_group, seed=seed, keep=keep)
+        chunk = Chunk(tasks=tasks, group_base=self.next_group)
         self.chunk_index += 1
         self.next_group += len(tasks)
         kwargs = {"task_indices": tasks, "split": "train", "n_per_task": run.rollout.rollouts_per_prompt,
