@@ -9,12 +9,15 @@ Families (``PERCEPTION_FAMILIES``):
 
 * ``color``: the colour of a square, from half the image down to a few pixels wide;
 * ``shape``: the kind of the one shape in the image (circle, square, triangle, diamond or star);
-* ``mark``: the colour of the plus sign among x marks in a black frame that fills most of a small image (a
-  margin of 9 to 13 px around the 44 px frame), so the marks are big enough to read at the model's pixel
-  budget: the toy zoom layout, as large in view as a zoom on the frame makes it;
-* ``locate``: where the black frame of a full-size toy zoom image is, as ``[x1, y1, x2, y2]`` in pixels of the
-  image the model sees (its ``seen_size``), which is how Qwen2.5-VL grounds. The marks there are too small to
-  read, and no question here asks for them: no family is answered only through a zoom.
+* ``mark``: the colour of the plus sign among x marks, in a crop of a toy zoom image (``ZOOM_TASKS``) around its
+  frame, as a zoom on the frame shows it: the crop a little off centre and of a drawn size (``MARK_CROP_*``), as
+  the policy's boxes will be, so the marks are big enough to read at the model's pixel budget;
+* ``locate``: where the black frame of a full-size toy zoom image is, placed anywhere, as ``[x1, y1, x2, y2]``
+  in pixels of the image the model sees (its ``seen_size``), which is how Qwen2.5-VL grounds. The marks there
+  are too small to read, and no question here asks for them: no family is answered only through a zoom.
+
+A locate task's ``extra["frame_center"]`` is the frame's centre as fractions of the image: the eyes' position
+objective (``deepeyes_agent.policy.pretrain``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from .tasks import Task
 
 PERCEPTION_FAMILIES = ("color", "shape", "mark", "locate")
 MARK_SIDE = 13  # px: the marks of configs/zoom_cpu.yaml's tasks, readable in a zoom on the frame, not in the full view
+# The zoom run's tasks (configs/zoom_cpu.yaml): 224 px images, a 44 px frame placed anywhere, 13 px marks.
+ZOOM_TASKS = ToyConfig(kind="zoom", frame_layout="random", target_size=MARK_SIDE)
+# px, square: a zoom on the frame padded by a quarter is 66 px, 64 or 68 once rounded to seen px. Square, since a
+# crop with one side under 70.5 px and one over would be seen at 28x56 px (each side rounds to 56 or 84 first).
+MARK_CROP_SIDES = (60, 72)
+MARK_CROP_SHIFT = 8  # px: how far the crop's centre may sit from the frame's (2 px of the 56 px seen frame)
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "star")
 SeenSize = Callable[[int, int], tuple[int, int]]  # (width, height) of an image -> as the model sees it
 
@@ -43,21 +52,11 @@ def perception_task(seed: int, index: int, family: str, seen_size: SeenSize) -> 
         size = int(rng.choice([32, 56, 112, 224]))
         config = ToyConfig(kind="color", size=size, difficulty=float(rng.uniform(0.0, 0.8)))
         return _renamed(toy_task(sub_seed, index, config), family, seed, index)
-    if family == "mark":  # the frame with a margin of 9..13 px: as large in view as in a zoom on it
-        config = ToyConfig(kind="zoom", size=44 + 2 * int(rng.integers(9, 14)), frame_layout="center",
-                           target_size=MARK_SIDE)
-        return _renamed(toy_task(sub_seed, index, config), family, seed, index)
+    if family == "mark":
+        return _mark_task(rng, sub_seed, seed, index)
     if family == "locate":
-        layout = str(rng.choice(["random", "quadrants", "center"]))
-        task = toy_task(sub_seed, index, ToyConfig(kind="zoom", frame_layout=layout, target_size=MARK_SIDE))
-        (x1, y1, x2, y2), = task.gt_boxes
-        side = task.images[0].size[0]  # square toy images
-        sw, sh = seen_size(side, side)
-        box = [round(x1 * sw / side), round(y1 * sh / side), round(x2 * sw / side), round(y2 * sh / side)]
-        question = ("Where is the black frame? Answer with its bounding box [x1, y1, x2, y2] in pixels of the "
-                    "image you see.")
-        return dataclasses.replace(_renamed(task, family, seed, index), question=question, answer=str(box),
-                                   extra={"kind": "perception_locate", "seen_box": box})
+        return _locate_task(sub_seed, seed, index, seen_size, str(rng.choice(["random", "random", "quadrants",
+                                                                                "center"])))
     return _shape_task(rng, seed, index)
 
 
@@ -65,6 +64,48 @@ def perception_tasks(seed: int, n: int, seen_size: SeenSize, families: tuple[str
                      ) -> list[Task]:
     """``n`` tasks cycling through ``families`` (task i is of family i mod len(families))."""
     return [perception_task(seed, i, families[i % len(families)], seen_size) for i in range(n)]
+
+
+def locate_task(seed: int, index: int, seen_size: SeenSize, layout: str = "random") -> Task:
+    """A locate question about a toy zoom image with its frame placed by ``layout`` (the model card measures each
+    placement apart)."""
+    return _locate_task(seed, seed, index, seen_size, layout)
+
+
+def _locate_task(sub_seed: int, seed: int, index: int, seen_size: SeenSize, layout: str) -> Task:
+    task = toy_task(sub_seed, index, dataclasses.replace(ZOOM_TASKS, frame_layout=layout))
+    (x1, y1, x2, y2), = task.gt_boxes
+    side = task.images[0].size[0]  # square toy images
+    sw, sh = seen_size(side, side)
+    box = [round(x1 * sw / side), round(y1 * sh / side), round(x2 * sw / side), round(y2 * sh / side)]
+    question = ("Where is the black frame? Answer with its bounding box [x1, y1, x2, y2] in pixels of the "
+                "image you see.")
+    centre = ((x1 + x2) / 2 / side, (y1 + y2) / 2 / side)
+    return dataclasses.replace(_renamed(task, "locate", seed, index), question=question, answer=str(box),
+                               extra={"kind": "perception_locate", "seen_box": box, "layout": layout,
+                                      "frame_center": centre})
+
+
+def _mark_task(rng: np.random.Generator, sub_seed: int, seed: int, index: int) -> Task:
+    """The marks question on a crop around the frame of a toy zoom image, the plus inside the crop."""
+    task = toy_task(sub_seed, index, ZOOM_TASKS)
+    scene = task.images[0].scene
+    (fx1, fy1, fx2, fy2), = task.gt_boxes
+    plus = task.extra["target_box"]
+    while True:  # a few draws at most: most crops of this size hold the whole plus
+        w = h = int(rng.integers(MARK_CROP_SIDES[0], MARK_CROP_SIDES[1] + 1))
+        cx, cy = ((fx1 + fx2) / 2 + rng.uniform(-MARK_CROP_SHIFT, MARK_CROP_SHIFT),
+                  (fy1 + fy2) / 2 + rng.uniform(-MARK_CROP_SHIFT, MARK_CROP_SHIFT))
+        x0, y0 = max(0, round(cx - w / 2)), max(0, round(cy - h / 2))
+        x0, y0 = min(x0, scene.width - w), min(y0, scene.height - h)
+        if x0 <= plus[0] and y0 <= plus[1] and plus[2] <= x0 + w and plus[3] <= y0 + h:
+            break
+    shapes = tuple(dataclasses.replace(s, box=(s.box[0] - x0, s.box[1] - y0, s.box[2] - x0, s.box[3] - y0))
+                   for s in scene.shapes)
+    crop = dataclasses.replace(scene, width=w, height=h, shapes=shapes)
+    renamed = _renamed(task, "mark", seed, index)
+    return dataclasses.replace(renamed, images=(SyntheticImage(crop, name=f"task {renamed.task_id!r} image 0"),),
+                               gt_boxes=(), extra={**renamed.extra, "crop": (x0, y0, x0 + w, y0 + h)})
 
 
 def _shape_task(rng: np.random.Generator, seed: int, index: int) -> Task:

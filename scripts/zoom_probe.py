@@ -1,8 +1,9 @@
 """Is zooming necessary and sufficient for the zoom run's tasks? The evidence, measured on the pretrained base.
 
-The zoom run (configs/zoom_cpu.yaml) asks for the colour of the plus sign among x marks in a black frame, at a
-pixel budget of 56x56 px per image. This probe shows that the answer cannot be read from the whole image and
-can be from the env's zoom on the frame, three ways, each on held-out tasks of the run's own family:
+The zoom run (configs/zoom_cpu.yaml) asks for the colour of the plus sign among x marks in a black frame placed
+anywhere in a 224 px image, at a pixel budget of 56x56 px per image. This probe shows that the answer cannot be
+read from the whole image and can be from the env's zoom on the frame, three ways, each on held-out tasks of the
+run's own family:
 
 - **the base's answer**: the pretrained base, asked the question as a plain perception question about one view;
 - **frozen eyes + linear head**: a linear classifier on the mean of the view's visual tokens, the tower frozen
@@ -30,18 +31,17 @@ from PIL import Image
 from deepeyes_agent.policy.chat import VisionTokenizer
 from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_model, load_processor
 from deepeyes_agent.policy.pretrain import answer_hits, pretrained_tiny_base
-from deepeyes_envs.perception import MARK_SIDE, perception_task
+from deepeyes_envs.perception import MARK_SIDE, ZOOM_TASKS, perception_task
 from deepeyes_envs.scripted import padded_box
-from deepeyes_envs.synthetic import TOY_COLORS, ToyConfig, toy_task
+from deepeyes_envs.synthetic import TOY_COLORS, toy_task
 
 
 def views(n: int, seed: int, zoomed: bool) -> list[tuple[np.ndarray, str]]:
-    """The run's tasks (centre layout, 13 px marks) as (image, answer): whole, or cropped where the scripted zoom
-    crops (the frame padded by a quarter, as the cold start's demonstrations zoom)."""
-    config = ToyConfig(kind="zoom", frame_layout="center", target_size=MARK_SIDE)
+    """The run's tasks (the frame anywhere, 13 px marks) as (image, answer): whole, or cropped where the scripted
+    zoom crops (the frame padded by a quarter, as the cold start's demonstrations zoom)."""
     out = []
     for i in range(n):
-        task = toy_task(seed, i, config)
+        task = toy_task(seed, i, ZOOM_TASKS)
         image = task.load_images()[0]
         if zoomed:
             x1, y1, x2, y2 = (round(v) for v in padded_box(task.gt_boxes[0], image.shape[1], image.shape[0]))
@@ -102,7 +102,7 @@ def main() -> None:
     model_dir = args.model or str(pretrained_tiny_base())
     processor = load_processor(model_dir)
     vision = VisionTokenizer(processor)
-    print(f"zoom run's tasks: centre frame, {MARK_SIDE} px marks, images seen at {vision.min_pixels}.."
+    print(f"zoom run's tasks: the frame anywhere, {MARK_SIDE} px marks, images seen at {vision.min_pixels}.."
           f"{vision.max_pixels} pixels (chance {1 / len(TOY_COLORS):.2f}); base {model_dir}")
     print(f"{'view':<14}{'image':>9}{'base answer':>14}{'frozen eyes':>13}{'eyes trained':>14}{'s':>6}")
     for name, zoomed in (("full view", False), ("zoomed crop", True)):

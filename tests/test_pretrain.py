@@ -3,6 +3,7 @@ perception tasks themselves: seeded, the families they promise, disjoint from th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,15 @@ import pytest
 
 from deepeyes_agent.policy.pretrain import PretrainSettings, pretrained_tiny_base
 from deepeyes_envs.images import seen_size
-from deepeyes_envs.perception import PERCEPTION_FAMILIES, perception_tasks
-from deepeyes_envs.synthetic import SyntheticTaskSource
+from deepeyes_envs.perception import (
+    MARK_CROP_SIDES,
+    PERCEPTION_FAMILIES,
+    ZOOM_TASKS,
+    locate_task,
+    perception_task,
+    perception_tasks,
+)
+from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, toy_task
 
 SEEN = lambda w, h: seen_size(w, h, 3136, 3136)  # noqa: E731 - the zoom run's budget: every image 56x56
 SMALL = PretrainSettings(n_eyes=96, n_train=64, n_test=16, eyes_epochs=1, words_steps=3, batch_size=8)
@@ -33,14 +41,34 @@ def test_perception_tasks_are_seeded_one_turn_questions_of_every_family():
 
 
 def test_perception_images_are_disjoint_from_the_rl_tasks():
-    rl = [SyntheticTaskSource(n=200, seed=seed, kind="toy_zoom", frame_layout="center", target_size=13)
+    rl = [SyntheticTaskSource(n=200, seed=seed, kind="toy_zoom", frame_layout="random", target_size=13)
           for seed in (0, 1_000_003)]  # the zoom run's training and held-out tasks
     rl_images = {t.load_images()[0].tobytes() for source in rl for t in source}
     pretraining = perception_tasks(PretrainSettings().data_seed, 400, SEEN)
     assert not rl_images & {t.load_images()[0].tobytes() for t in pretraining}
-    # the marks family is the zoom layout made small enough to read: never the full 224 px view of the RL task
+    # the marks family is a crop around the frame, as a zoom shows it: never the full 224 px view of the RL task
     marks = [t for t in pretraining if t.extra["kind"] == "perception_mark"]
-    assert marks and all(t.load_images()[0].shape[0] <= 70 for t in marks)
+    assert marks and all(t.load_images()[0].shape[0] <= MARK_CROP_SIDES[1] for t in marks)
+
+
+def test_a_mark_question_is_a_crop_of_a_zoom_image_that_holds_the_plus():
+    for i in range(40):
+        task = perception_task(9, i, "mark", SEEN)
+        x0, y0, x1, y1 = task.extra["crop"]
+        assert x1 - x0 == y1 - y0 and MARK_CROP_SIDES[0] <= x1 - x0 <= MARK_CROP_SIDES[1]  # square: seen at 56x56
+        px1, py1, px2, py2 = task.extra["target_box"]
+        assert x0 <= px1 and y0 <= py1 and px2 <= x1 and py2 <= y1
+        assert task.answer in TOY_COLORS and not task.gt_boxes
+
+
+def test_locate_questions_place_the_frame_as_asked():
+    for layout in ("center", "quadrants", "random"):
+        task = locate_task(4, 0, SEEN, layout)
+        (x1, y1, x2, y2), = toy_task(4, 0, dataclasses.replace(ZOOM_TASKS, frame_layout=layout)).gt_boxes
+        assert task.extra["layout"] == layout and json.loads(task.answer) == task.extra["seen_box"]
+        assert task.extra["frame_center"] == pytest.approx(((x1 + x2) / 448, (y1 + y2) / 448))
+    centres = {locate_task(4, i, SEEN, "random").answer for i in range(20)}
+    assert len(centres) >= 15  # anywhere: the boxes differ
 
 
 @pytest.mark.slow
@@ -52,6 +80,7 @@ def test_a_second_build_is_a_cache_hit_and_the_card_says_what_it_learned(tmp_pat
     assert report["settings"]["n_train"] == 64 and set(report["answer_accuracy"]) == set(PERCEPTION_FAMILIES)
     card = (first / "README.md").read_text()
     assert "no tool call anywhere" in card and "| mark |" in card and "eyes" in card
+    assert set(report["locate"]) == {"centre", "quadrants", "anywhere"} and "| anywhere |" in card
     assert any(line.startswith("eyes epoch 1/1") for line in lines)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     lines.clear()

@@ -7,13 +7,15 @@ colours, shapes, marks big enough to read, where a frame is, as a box in the fra
 stages:
 
 1. **eyes**: the vision tower and its merger, with a linear head on the mean of each image's visual tokens, learn
-   to classify the answer word (a plain supervised image classifier, as vision towers are pretrained);
+   to classify the answer word (a plain supervised image classifier, as vision towers are pretrained) and, with
+   a small head on all of an image's visual tokens, to regress where the frame of a locate image is (a position
+   objective: without it the tokens carry too little of where things are for the language model to ground);
 2. **words**: with the eyes frozen, the language model learns to answer each question in the answer format
    (``<answer>...</answer>``), the next-token loss on the answer turn only.
 
 The result is a standard Hugging Face directory with a model card (``README.md``) and ``pretraining.json``
-(settings and held-out accuracy per family). :func:`pretrained_tiny_base` caches it by a hash of its settings,
-so a second build is a cache hit::
+(settings, held-out accuracy per family, and locate accuracy per placement of the frame).
+:func:`pretrained_tiny_base` caches it by a hash of its settings, so a second build is a cache hit::
 
     python -m deepeyes_agent.policy pretrain-tiny OUT_DIR
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -39,12 +42,13 @@ from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import image_part, message
-from deepeyes_envs.perception import PERCEPTION_FAMILIES, perception_tasks
+from deepeyes_envs.perception import locate_task, perception_tasks
 from deepeyes_envs.prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT
+from deepeyes_envs.rewards import box_iou
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
 Progress = Callable[[str], None]
 
@@ -55,18 +59,22 @@ class PretrainSettings(Section):
     seed: int = setting(0, "Seed of the random model, its tokenizer, the data order and the perception tasks.")
     min_pixels: int = setting(3136, "Pixel budget the base is pretrained and saved with (56x56 px: 4 visual tokens).")
     max_pixels: int = setting(3136, "Upper pixel budget (equal to min_pixels: every image seen at one size).")
-    families: tuple[str, ...] = setting(PERCEPTION_FAMILIES, "Perception families of the words stage "
-                                                             "(deepeyes_envs.perception), in equal shares.")
-    eyes_families: tuple[str, ...] = setting(("mark", "mark", "mark", "shape", "shape", "color"),
-                                             "The eyes stage's mix, cycled: marks and shapes take the tiny tower "
-                                             "more examples than colours.")
+    families: tuple[str, ...] = setting(("color", "shape", "mark", "locate", "locate", "locate"),
+                                        "Perception families of the words stage (deepeyes_envs.perception), "
+                                        "cycled: writing a box takes more steps than a word.")
+    eyes_families: tuple[str, ...] = setting(("mark", "locate", "mark", "shape", "mark", "color"),
+                                             "The eyes stage's mix, cycled: marks, frames to locate and shapes "
+                                             "take the tiny tower more examples than colours.")
+    eyes_locate_weight: float = setting(50.0, "Weight of the eyes' position objective (the frame's centre, smooth L1 "
+                                              "in fractions of the image) beside the classification loss.")
     data_seed: int = setting(20_260_401, "Seed of the perception tasks, apart from every RL task seed.")
-    n_eyes: int = setting(3000, "Training images of the eyes stage.")
-    n_train: int = setting(3200, "Training questions of the words stage.")
+    n_eyes: int = setting(9000, "Training images of the eyes stage.")
+    n_train: int = setting(4800, "Training questions of the words stage.")
     n_test: int = setting(400, "Held-out questions (each stage) for the model card.")
-    eyes_epochs: int = setting(6, "Passes of the eyes stage over its training images.")
+    eyes_epochs: int = setting(20, "Passes of the eyes stage over its training images (reading marks in crops that "
+                                   "are off centre takes the tiny tower many).")
     eyes_lr: float = setting(1e-3, "AdamW learning rate of the eyes stage.")
-    words_steps: int = setting(300, "Optimizer steps of the words stage (eyes frozen).")
+    words_steps: int = setting(900, "Optimizer steps of the words stage (eyes frozen).")
     words_lr: float = setting(2e-3, "AdamW learning rate of the words stage.")
     batch_size: int = setting(32, "Questions per step of the words stage.")
     eyes_batch_size: int = setting(64, "Images per step of the eyes stage.")
@@ -119,9 +127,11 @@ def build_pretrained_tiny(out: str | os.PathLike, settings: PretrainSettings, pr
                           generator, progress)
         words = train_words(model, processor, *tasks(1, settings.n_train, settings.families), settings, generator,
                             progress)
+        located = locate_by_placement(model, processor, settings)
     model.save_pretrained(out)
     report = {"settings": settings.model_dump(mode="json"), "recipe_version": RECIPE_VERSION,
-              "eyes_accuracy": eyes, "answer_accuracy": words, "seconds": time.perf_counter() - start}
+              "eyes_accuracy": eyes, "answer_accuracy": words, "locate": located,
+              "seconds": time.perf_counter() - start}
     (Path(out) / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
     (Path(out) / "README.md").write_text(model_card(report))
     progress(f"pretrained tiny base in {report['seconds']:.0f} s: held-out answer accuracy "
@@ -132,35 +142,70 @@ def build_pretrained_tiny(out: str | os.PathLike, settings: PretrainSettings, pr
 # ------------------------------------------------------------------------------------------ stage 1: eyes
 def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: Sequence[Task], test: Sequence[Task],
                settings: PretrainSettings, generator: torch.Generator, progress: Progress) -> dict[str, float]:
-    """The vision tower + merger, with a linear head on the mean of each image's visual tokens, as a classifier
-    of the answer word; held-out accuracy per family. Families answered by a box (``locate``) are left out."""
-    train = [t for t in train if "answer_space" in t.extra]
-    test = [t for t in test if "answer_space" in t.extra]
-    words = sorted({w for t in train for w in t.extra["answer_space"]})
+    """The vision tower + merger as a classifier of the answer word (a linear head on the mean of each image's
+    visual tokens) and, for ``locate`` images, a regressor of the frame's centre (a small head on all of the
+    image's visual tokens, so that where the frame is stays in them for the language model to read out).
+    Held-out per family: classification accuracy, and for ``locate`` the share of predicted centres inside the
+    frame."""
+    words = sorted({w for t in train if "answer_space" in t.extra for w in t.extra["answer_space"]})
     encode = _image_encoder(processor, [*train, *test])
-    head = torch.nn.Linear(model.config.text_config.hidden_size, len(words))
-    params = [*model.model.visual.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.eyes_lr, weight_decay=0.0)
+    hidden = model.config.text_config.hidden_size
+    located = [t for t in train if "frame_center" in t.extra]  # all of one size: one token count
+    n_tokens = int(encode(located[:1])[1].prod()) // processor.image_processor.merge_size ** 2 if located else 1
+    heads = torch.nn.ModuleDict({"classify": torch.nn.Linear(hidden, len(words)), "locate": torch.nn.Sequential(
+        torch.nn.Linear(n_tokens * hidden, 4 * hidden), torch.nn.SiLU(), torch.nn.Linear(4 * hidden, 2))})
 
-    def logits(batch: Sequence[Task]) -> torch.Tensor:
+    def outputs(batch: Sequence[Task]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         pixels, grids = encode(batch)
-        pooled = [tokens.mean(0) for tokens in model.model.get_image_features(pixels, grids).pooler_output]
-        return head(torch.stack(pooled))
+        tokens = model.model.get_image_features(pixels, grids).pooler_output
+        cls = [t.mean(0) for t, task in zip(tokens, batch, strict=True) if "answer_space" in task.extra]
+        pos = [t.flatten() for t, task in zip(tokens, batch, strict=True) if "frame_center" in task.extra]
+        return (heads["classify"](torch.stack(cls)) if cls else None,
+                heads["locate"](torch.stack(pos)) if pos else None)
 
-    labels = torch.tensor([words.index(t.answer) for t in train])
+    def loss_of(batch: Sequence[Task]) -> torch.Tensor:
+        cls, pos = outputs(batch)
+        loss = torch.zeros(())
+        if cls is not None:
+            labels = torch.tensor([words.index(t.answer) for t in batch if "answer_space" in t.extra])
+            loss = loss + torch.nn.functional.cross_entropy(cls, labels)
+        if pos is not None:  # centres as fractions of the image; smooth L1 with a knee at 1 px of 56
+            centres = torch.tensor([t.extra["frame_center"] for t in batch if "frame_center" in t.extra])
+            loss = loss + settings.eyes_locate_weight * torch.nn.functional.smooth_l1_loss(pos, centres, beta=0.02)
+        return loss
+
+    optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *heads.parameters()], lr=settings.eyes_lr,
+                                  weight_decay=0.0)
     model.train()
     for epoch in range(settings.eyes_epochs):
         order = torch.randperm(len(train), generator=generator)
         for batch in order.split(settings.eyes_batch_size):
-            loss = torch.nn.functional.cross_entropy(logits([train[i] for i in batch]), labels[batch])
+            loss = loss_of([train[i] for i in batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         progress(f"eyes epoch {epoch + 1}/{settings.eyes_epochs}: loss {float(loss.detach()):.3f}")
     model.eval()
+    hits = []
     with torch.no_grad():
-        predicted = [words[int(i)] for b in range(0, len(test), 64) for i in logits(test[b:b + 64]).argmax(-1)]
-    return _per_family(test, [p == t.answer for p, t in zip(predicted, test, strict=True)])
+        for b in range(0, len(test), 64):
+            chunk = test[b:b + 64]
+            cls, pos = outputs(chunk)
+            cls_hits = iter([] if cls is None else cls.argmax(-1).tolist())
+            pos_hits = iter([] if pos is None else pos.tolist())
+            for task in chunk:
+                if "answer_space" in task.extra:
+                    hits.append(words[next(cls_hits)] == task.answer)
+                else:
+                    hits.append(_centre_inside(next(pos_hits), task))
+    return _per_family(test, hits)
+
+
+def _centre_inside(centre: Sequence[float], task: Task) -> bool:
+    """Whether a centre given as fractions of the image lies inside the task's frame."""
+    (x1, y1, x2, y2), = task.gt_boxes
+    side = task.images[0].size[0]
+    return x1 <= centre[0] * side <= x2 and y1 <= centre[1] * side <= y2
 
 
 def _image_encoder(processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> Callable:
@@ -243,6 +288,47 @@ def answer_hits(model: torch.nn.Module, processor: QwenVLImageProcessor, tasks: 
     return hits
 
 
+LOCATE_PLACEMENTS = (("centre", "center"), ("quadrants", "quadrants"), ("anywhere", "random"))
+
+
+@torch.no_grad()
+def locate_by_placement(model: torch.nn.Module, processor: QwenVLImageProcessor, settings: PretrainSettings
+                        ) -> dict[str, dict[str, float]]:
+    """Greedy locate answers on held-out frames of each placement: the exact box, its IoU with the frame, and
+    whether its centre lies inside the frame (what a zoom needs), all in the frame the model sees."""
+    vision = VisionTokenizer(processor)
+
+    def seen(w: int, h: int) -> tuple[int, int]:
+        return seen_size(w, h, vision.min_pixels, vision.max_pixels, vision.patch_size * vision.merge_size)
+
+    out = {}
+    for name, layout in LOCATE_PLACEMENTS:
+        exact, ious, inside = [], [], []
+        for i in range(settings.n_test // 4):
+            task = locate_task(settings.data_seed + 3, i, seen, layout)
+            written = parse_box(greedy_answer(model, question_context(processor, task, vision)))
+            truth = task.extra["seen_box"]
+            exact.append(written == truth)
+            ious.append(box_iou(written, truth) if written else 0.0)
+            inside.append(bool(written) and truth[0] <= (written[0] + written[2]) / 2 <= truth[2]
+                          and truth[1] <= (written[1] + written[3]) / 2 <= truth[3])
+        out[name] = {"exact": float(np.mean(exact)), "iou": float(np.mean(ious)),
+                     "centre_inside": float(np.mean(inside))}
+    return out
+
+
+def greedy_answer(model: torch.nn.Module, ctx: EpisodeContext, max_new_tokens: int = 24) -> str:
+    batch = collate([ctx])
+    out = model.generate(**model_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False)
+    return ctx.decode(out[0, batch["input_ids"].shape[1]:].tolist())
+
+
+def parse_box(text: str) -> list[int] | None:
+    """The first four whole numbers of an answer, as a box; None if it has fewer or they are not a box."""
+    numbers = [int(v) for v in re.findall(r"\d+", text)[:4]]
+    return numbers if len(numbers) == 4 and numbers[0] < numbers[2] and numbers[1] < numbers[3] else None
+
+
 def _per_family(tasks: Sequence[Task], hits: Sequence[bool]) -> dict[str, float]:
     families: dict[str, list[bool]] = {}
     for task, hit in zip(tasks, hits, strict=True):
@@ -253,6 +339,8 @@ def _per_family(tasks: Sequence[Task], hits: Sequence[bool]) -> dict[str, float]
 def model_card(report: dict) -> str:
     """The README.md of a pretrained base: what it was trained on, how, and how well."""
     s = report["settings"]
+    located = "\n".join(f"| {name} | {v['exact']:.2f} | {v['iou']:.2f} | {v['centre_inside']:.2f} |"
+                        for name, v in report.get("locate", {}).items())
     rows = "\n".join(f"| {family} | {report['eyes_accuracy'].get(family, float('nan')):.2f} | {acc:.2f} |"
                      for family, acc in report["answer_accuracy"].items())
     return f"""# Tiny Qwen2.5-VL, pretrained on synthetic perception
@@ -264,15 +352,23 @@ offline by `deepeyes_agent.policy.pretrain` (recipe version {report['recipe_vers
   and one short answer each, no tool call anywhere, and no family whose answer can only be read through a zoom.
 - **Images**: seen at {s['min_pixels']}..{s['max_pixels']} pixels (the saved processor budget).
 - **Stage 1, eyes**: the vision tower and merger with a linear head on the mean of each image's visual tokens,
-  classifying the answer word of {s['n_eyes']} images ({", ".join(s['eyes_families'])}, cycled), {s['eyes_epochs']}
-  epochs at lr {s['eyes_lr']}.
+  classifying the answer word, and a small head on all its visual tokens regressing the frame's centre of locate
+  images (weight {s['eyes_locate_weight']}), on {s['n_eyes']} images ({", ".join(s['eyes_families'])}, cycled),
+  {s['eyes_epochs']} epochs at lr {s['eyes_lr']}.
 - **Stage 2, words**: eyes frozen, the language model trained on the answer turn (`<answer>...</answer>`) of
   {s['n_train']} questions
   ({", ".join(s['families'])}), {s['words_steps']} steps of {s['batch_size']} at lr {s['words_lr']}.
 
-Held-out accuracy ({s['n_test']} questions; answers greedy and exact):
+Held-out accuracy ({s['n_test']} questions; answers greedy and exact; for locate, the eyes column is the share of
+the eyes' predicted centres inside the frame):
 
 | family | eyes (stage 1) | answer (stage 2) |
 |---|---|---|
 {rows}
+
+Locating the frame by placement ({s['n_test'] // 4} held-out images each; greedy boxes in the seen frame):
+
+| placement | exact box | IoU | box centre inside the frame |
+|---|---|---|---|
+{located}
 """

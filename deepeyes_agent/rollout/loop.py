@@ -190,7 +190,6 @@ def _start(env: gym.Env, task: Task, group: int, k: int, name: str, reset_seed: 
 def _advance(episode: _Episode, generation: Generation, generate_s: float, vision: VisionTokenizer) -> None:
     """Append the generated turn, step the env with it, and append (or drop) its observation."""
     ctx, trajectory = episode.context, episode.trajectory
-    ctx.append_generated(generation.token_ids, generation.logprobs)
     text = generation.text or vision.decode(generation.token_ids)
     turn = Turn(text=text, token_ids=list(generation.token_ids), logprobs=list(generation.logprobs),
                 finish_reason=generation.finish_reason, generate_s=generate_s,
@@ -200,11 +199,16 @@ def _advance(episode: _Episode, generation: Generation, generate_s: float, visio
     action = {"text": text, "finish_reason": generation.finish_reason}
     obs, reward, terminated, truncated, info = episode.env.step(action)
     turn.env_s = time.perf_counter() - t0
+    played = info.get("played_action")  # a control (rollout.controls) played another turn: the context holds it
+    if played is None:
+        ctx.append_generated(generation.token_ids, generation.logprobs)
+    else:
+        ctx.append_written(played, ends_turn=terminated or truncated)
     turn.tool_calls = list(info.get("tool_calls", []))
     trajectory.zoom_boxes.extend(list(c["bbox_original"]) for c in turn.tool_calls if "bbox_original" in c)
     turn.error = info.get("error")
     turn.observation = tuple(obs["messages"])
-    turn.scripted_action = info.get("scripted_action")
+    turn.scripted_action = played or info.get("scripted_action")
     if terminated or truncated:
         _finish(episode, info.get("end_reason", ""), terminated, truncated, info, reward)
     elif not ctx.append_observation(obs["messages"]):

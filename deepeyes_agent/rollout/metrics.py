@@ -5,16 +5,22 @@
   tool-call text could not be parsed at all (bad JSON): DeepEyes' ``ZOOM IN ARGUMENTS ARE INVALID`` family;
 - ``image_observations``: images the tools returned that made it into the model's context;
 - ``iou``: mean grounding IoU of the episode's zoom boxes against the ground-truth boxes (None without one);
+- ``box_centre_hit``: the share of the episode's zoom boxes whose centre lies inside a ground-truth box (None
+  without a zoom or a ground truth): did it look where the target is;
+- ``first_box``: the episode's first zoom box as the model wrote it (a tuple, None without one), only for
+  ``top_box_share`` below;
 - ``over_turn``: 1 when the episode ran out of turns (``max_turns``) rather than ending itself.
 
 Over a batch (:func:`batch_metrics`) every metric is a mean over episodes, plus ``tool_call_rate`` (the share
 of episodes with at least one tool call), ``invalid_call_rate`` (invalid calls / calls), and the accuracy of the
 episodes that got a tool's image (``acc_with_tool``) beside that of the others (``acc_without_tool``): the control
-that says whether using the tool is what makes the answers right.
+that says whether using the tool is what makes the answers right, and ``top_box_share``, the share of the zooming
+episodes whose first box is the batch's most common one: a policy that writes one box for every image has 1.0.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from deepeyes_agent.rollout.trajectory import Trajectory
@@ -26,12 +32,17 @@ def episode_metrics(traj: Trajectory) -> dict[str, float | None]:
     calls = [c for turn in traj.turns for c in turn.tool_calls]
     unparsed = sum(1 for turn in traj.turns if turn.error and not turn.tool_calls)
     ious = [float(c["iou"]) for c in calls if isinstance(c.get("iou"), (int, float))]
+    gt = traj.task.gt_boxes if traj.task is not None else ()
+    hits = [_centre_inside(c["bbox_original"], gt) for c in calls if "bbox_original" in c] if gt else []
+    written = [c["arguments"]["bbox_2d"] for c in calls if _written_box(c)]
     return {
         "reward": float(traj.reward), "acc": float(parts.get("acc", 0.0)),
         "format_error": float(bool(parts.get("format_error", False))), "tool_bonus": float(parts.get("tool", 0.0)),
         "tool_calls": float(len(calls)), "invalid_calls": float(sum(1 for c in calls if not c.get("ok")) + unparsed),
         "image_observations": float(traj.n_image_observations),
         "iou": sum(ious) / len(ious) if ious else None,
+        "box_centre_hit": sum(hits) / len(hits) if hits else None,
+        "first_box": tuple(written[0]) if written else None,
         "response_length": float(traj.n_generated_tokens), "turns": float(traj.n_turns),
         "truncated": float(traj.truncated), "tokens": float(len(traj.token_ids)),
         "over_turn": float(traj.end_reason == "max_turns"),
@@ -42,13 +53,32 @@ def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = 
     """Means of per-episode metrics over a batch (None, e.g. IoU without a zoom, left out), plus the rates."""
     if not episodes:
         return {}
-    out = {f"{prefix}{key}": _mean([e[key] for e in episodes]) for key in episodes[0]}
+    out = {f"{prefix}{key}": _mean([e[key] for e in episodes]) for key in episodes[0] if key != "first_box"}
+    boxes = [e["first_box"] for e in episodes if e.get("first_box") is not None]
+    out[f"{prefix}top_box_share"] = Counter(boxes).most_common(1)[0][1] / len(boxes) if boxes else float("nan")
     out[f"{prefix}tool_call_rate"] = _mean([float(e.get("tool_calls", 0.0) > 0) for e in episodes])
     calls = sum(e.get("tool_calls", 0.0) for e in episodes)
     out[f"{prefix}invalid_call_rate"] = sum(e.get("invalid_calls", 0.0) for e in episodes) / calls if calls else 0.0
     out[f"{prefix}acc_with_tool"] = _mean([e["acc"] for e in episodes if e.get("image_observations", 0.0) > 0])
     out[f"{prefix}acc_without_tool"] = _mean([e["acc"] for e in episodes if not e.get("image_observations", 0.0)])
     return out
+
+
+def most_common_box(episodes: Sequence[Mapping[str, float | None]]) -> tuple | None:
+    """The first zoom box written most often in a batch (the fixed-box control zooms there on every image)."""
+    boxes = [e["first_box"] for e in episodes if e.get("first_box") is not None]
+    return Counter(boxes).most_common(1)[0][0] if boxes else None
+
+
+def _centre_inside(box: Sequence[float], gt_boxes: Sequence[Sequence[float]]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return any(x1 <= cx <= x2 and y1 <= cy <= y2 for x1, y1, x2, y2 in gt_boxes)
+
+
+def _written_box(call: Mapping) -> bool:
+    arguments = call.get("arguments")
+    box = arguments.get("bbox_2d") if isinstance(arguments, Mapping) else None
+    return isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
 
 
 def _mean(values: Sequence[float | None]) -> float:

@@ -201,6 +201,10 @@ class LoggingConfig(Section):
     no_tool_control: bool = setting(False, "After the run, train the same config with the tools disabled (and "
                                            "demonstrations that answer directly) into <run_dir>/no_tool; the report "
                                            "sets its held-out curve beside the run's.")
+    zoom_controls: bool = setting(False, "After the run, evaluate the final policy on the held-out tasks with every "
+                                         "zoom box replaced by its most common box, then by the centre box, and "
+                                         "with an oracle first zoom on the ground truth (rollout.controls); the "
+                                         "report shows them beside the run.")
     progress: bool = setting(True, "Show tqdm progress bars (SFT steps, iterations).")
     collapse_share: float = setting(0.5, "Tool-call collapse alarm: warn when the tool-call rate stays below this "
                                          "share of its running maximum ...", gt=0.0, lt=1.0)

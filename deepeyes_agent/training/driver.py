@@ -145,7 +145,8 @@ def no_tool_variant(cfg: TrainConfig) -> TrainConfig:
     data["name"] = f"{cfg.name}_no_tool"
     data["env"]["kwargs"] = {**cfg.env.kwargs, "tools": []}
     data["sft"]["include_zoom"] = False
-    data["logging"].update(run_dir=str(cfg.run_dir.resolve() / "no_tool"), no_tool_control=False, report=False)
+    data["logging"].update(run_dir=str(cfg.run_dir.resolve() / "no_tool"), no_tool_control=False, report=False,
+                           zoom_controls=False)
     return TrainConfig.model_validate(data)
 
 
@@ -178,6 +179,8 @@ def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
             echo(format_line(0, cfg.iterations, {f"eval/{k}": v for k, v in evaluation.items()}))
             save_checkpoint(algo, run_dir, 0, cfg.logging.keep_checkpoints)
         _iterations(algo, cfg, log, run_dir, start, echo)
+        if cfg.logging.zoom_controls:
+            _zoom_controls(algo, cfg, log, echo)
         if algo.bad_rows:  # held-out rows too
             write_skipped_rows(algo.bad_rows, run_dir)
         from deepeyes_agent.training.run_log import read_metrics
@@ -220,6 +223,42 @@ def _evaluate(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, iteration
 
         save_trajectories(algo.last_eval_samples, run_dir / "trajectories" / f"eval_{iteration}")
     return evaluation
+
+
+def _zoom_controls(algo: Any, cfg: TrainConfig, log: RunLog, echo: Any) -> None:
+    """The final policy on the held-out tasks under each control (``rollout.controls``), logged as ``control``
+    records: with its most common zoom box everywhere, with the centre box (of that size) everywhere, and after
+    an oracle first zoom on the ground truth."""
+    from deepeyes_agent.rollout.controls import Control, centre_box
+
+    if algo.last_eval_top_box is None:  # a resumed finished run: find the policy's boxes again
+        algo.evaluate_heldout()
+    common = algo.last_eval_top_box
+    controls = {"oracle_zoom": Control("oracle_zoom")}
+    if common is not None:
+        side = ((common[2] - common[0]) + (common[3] - common[1])) / 2
+        seen = _seen_size_of_first_eval_image(cfg)
+        controls = {"fixed_box_common": Control("fixed_box", tuple(common)),
+                    "fixed_box_centre": Control("fixed_box", centre_box(seen, side)), **controls}
+    for name, control in controls.items():
+        metrics = algo.evaluate_heldout(control=control)
+        log.log(cfg.iterations, {"control": name, "box": list(control.box) if control.box else None, **metrics},
+                kind="control")
+        where = f" {list(control.box)}" if control.box else ""
+        echo(f"control {name}{where}: held-out accuracy {metrics.get('acc', float('nan')):.3f}, "
+             f"tool-call rate {metrics.get('tool_call_rate', float('nan')):.3f}")
+
+
+def _seen_size_of_first_eval_image(cfg: TrainConfig) -> tuple[int, int]:
+    from deepeyes_agent.policy.chat import VisionTokenizer
+    from deepeyes_agent.policy.loading import load_processor
+    from deepeyes_agent.training.tasks import make_task_source
+    from deepeyes_envs.images import seen_size
+
+    vision = VisionTokenizer(load_processor(cfg.model.path, min_pixels=cfg.model.min_pixels,
+                                            max_pixels=cfg.model.max_pixels))
+    height, width = make_task_source(cfg.data, "eval")[0].load_images()[0].shape[:2]
+    return seen_size(width, height, vision.min_pixels, vision.max_pixels, vision.patch_size * vision.merge_size)
 
 
 def _iterations(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, start: int, echo: Any) -> None:

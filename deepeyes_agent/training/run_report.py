@@ -21,6 +21,8 @@ PLOTS: tuple[tuple[str, str, list[Line]], ...] = (
     ("accuracy_by_tool.png", "Held-out accuracy by tool use", [("run", "eval", "acc_with_tool"),
                                                                  ("run", "eval", "acc_without_tool")]),
     ("iou.png", "Zoom-box IoU with the ground truth", [("run", "train", "iou"), ("run", "eval", "iou")]),
+    ("grounding.png", "Zoom boxes centred inside the target", [("run", "train", "box_centre_hit"),
+                                                                 ("run", "eval", "box_centre_hit")]),
     ("reward.png", "Reward", [("run", "train", "reward"), ("run", "eval", "reward"), ("control", "train", "reward")]),
     ("response_length.png", "Response length (tokens)", [("run", "train", "response_length")]),
     ("entropy.png", "Entropy", [("run", "train", "entropy")]),
@@ -28,7 +30,12 @@ PLOTS: tuple[tuple[str, str, list[Line]], ...] = (
                                              ("run", "train", "time/weight_sync_s")]),
 )
 HEADLINE = (("acc", "accuracy"), ("tool_call_rate", "tool-call rate"), ("acc_with_tool", "accuracy with the tool"),
-            ("acc_without_tool", "accuracy without"), ("iou", "zoom IoU"), ("reward", "reward"))
+            ("acc_without_tool", "accuracy without"), ("iou", "zoom IoU"),
+            ("box_centre_hit", "box centre in the target"), ("top_box_share", "top box share"), ("reward", "reward"))
+CONTROL_LABELS = {"fixed_box_common": "control: its most common box on every image",
+                  "fixed_box_centre": "control: the centre box on every image",
+                  "oracle_zoom": "control: first turn an oracle zoom on the target"}
+EDGE = 3  # iterations averaged at each end of the training curves
 
 
 def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -58,6 +65,7 @@ def write_report(run_dir: str | Path, config: dict[str, Any] | None = None,
     if train:
         seconds = sum(sum((r.get(f"time/{k}_s") or 0.0) for k in ("rollout", "update", "weight_sync")) for r in train)
         lines += [f"{len(train)} RL iterations in {seconds:.0f} s ({seconds / len(train):.1f} s each on average).", ""]
+        lines += _grounding_under_rl(train)
         alarms = [r["iteration"] for r in train if r.get("health/tool_collapse")]
         if alarms:
             lines += [f"Tool-call collapse alarm at iterations {alarms}.", ""]
@@ -89,12 +97,31 @@ def _headline(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     control = [r for r in runs["control"] if r.get("kind") == "eval"]
     if control:
         rows.append(("end, tools disabled (control)", control[-1]))
+    rows += [(CONTROL_LABELS.get(r["control"], r["control"]) + (f" {r['box']}" if r.get("box") else ""), r)
+             for r in runs["run"] if r.get("kind") == "control"]
     lines = ["## Held-out evaluation", "", "| | iteration | " + " | ".join(h for _, h in HEADLINE) + " |",
              "|---|---|" + "---|" * len(HEADLINE)]
     for label, record in rows:
         cells = [_cell(record.get(key)) for key, _ in HEADLINE]
         lines.append(f"| {label} | {record['iteration']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _grounding_under_rl(train: list[dict[str, Any]]) -> list[str]:
+    """Zoom-box IoU and box-centre hits in the sampled training batches, first iterations against last: does
+    RL improve where the policy looks, not only the cold start?"""
+    def mean(records: list[dict[str, Any]], key: str) -> float:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return sum(values) / len(values) if values else float("nan")
+
+    if len(train) < 2 * EDGE or not any(isinstance(r.get("iou"), (int, float)) for r in train):
+        return []
+    first, last = train[:EDGE], train[-EDGE:]
+    return [f"In the sampled training batches, iterations {first[0]['iteration']}-{first[-1]['iteration']} against "
+            f"{last[0]['iteration']}-{last[-1]['iteration']}: zoom IoU {mean(first, 'iou'):.3f} -> "
+            f"{mean(last, 'iou'):.3f}, box centre in the target {mean(first, 'box_centre_hit'):.3f} -> "
+            f"{mean(last, 'box_centre_hit'):.3f}, tool-call rate {mean(first, 'tool_call_rate'):.3f} -> "
+            f"{mean(last, 'tool_call_rate'):.3f}.", ""]
 
 
 def _cell(value: Any) -> str:

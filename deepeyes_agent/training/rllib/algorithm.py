@@ -32,7 +32,8 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.util.debug import log_once
 
-from deepeyes_agent.rollout.metrics import batch_metrics
+from deepeyes_agent.rollout.controls import Control
+from deepeyes_agent.rollout.metrics import batch_metrics, most_common_box
 from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
 from deepeyes_agent.training.config import TrainConfig
 from deepeyes_agent.training.demonstrations import demonstrations
@@ -147,6 +148,7 @@ class DeepEyesAlgorithm(Algorithm):
         self.bad_rows: dict[str, dict[str, Any]] = {}  # "split:index" -> BadRow record, over the run
         self.rows_read: set[int] = set()  # training rows asked for, over the run
         self.last_eval_samples: list[Any] = []
+        self.last_eval_top_box: tuple | None = None  # the most common first zoom box of the last evaluation
         self.policy_version = 0  # learner updates so far; env runners stamp it on the episodes they sample
         self.sampler = AsyncSampler(self, run.algorithm.max_staleness) if run.algorithm.max_staleness else None
         self.sync_policy_weights()
@@ -180,13 +182,13 @@ class DeepEyesAlgorithm(Algorithm):
 
     def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
                         temperature: float | None = None, seed: int = 0, keep: int = 0,
-                        group_base: int = 0) -> list[RunnerBatch]:
+                        group_base: int = 0, control: Control | None = None) -> list[RunnerBatch]:
         """Play the tasks on the env runners (split evenly across the healthy ones); one result per runner.
 
         Each task's rollouts stay on one runner, so a GRPO group is never split; a runner that fails
         loses its share of the batch for this iteration only.
         """
-        kwargs = {"split": split, "n_per_task": n_per_task, "temperature": temperature}
+        kwargs = {"split": split, "n_per_task": n_per_task, "temperature": temperature, "control": control}
         if self.env_runner is not None:  # local mode
             return [self.env_runner.sample(task_indices=list(task_indices), seed=seed, keep=keep,
                                            group_offset=group_base, **kwargs)]
@@ -390,9 +392,11 @@ class DeepEyesAlgorithm(Algorithm):
         self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
 
     # ------------------------------------------------------------------ evaluation and SFT
-    def evaluate_heldout(self, n_tasks: int | None = None, keep: int = 0) -> dict[str, float]:
+    def evaluate_heldout(self, n_tasks: int | None = None, keep: int = 0,
+                         control: Control | None = None) -> dict[str, float]:
         """Play the held-out tasks once each at ``rollout.eval_temperature``; accuracy, tool-call rate, ...
-        The first ``keep`` trajectories are kept in ``last_eval_samples`` (the report shows one)."""
+        The first ``keep`` trajectories are kept in ``last_eval_samples`` (the report shows one). ``control``
+        changes where the policy looks (``rollout.controls``); the metrics then also hold ``most_common_box``."""
         run = self.config.deepeyes
         n = min(self.n_eval_tasks, n_tasks or self.n_eval_tasks)
         if n == 0:
@@ -400,9 +404,11 @@ class DeepEyesAlgorithm(Algorithm):
         if self.sampler is not None:  # asynchronous: runners get new weights only when given work; these are due
             self.sampler.sync_weights(self.env_runner_group.healthy_env_runner_ids())
         results = self.sample_episodes(list(range(n)), split="eval", n_per_task=1, keep=keep,
-                                       temperature=run.rollout.eval_temperature, seed=run.seed + 424242)
+                                       temperature=run.rollout.eval_temperature, seed=run.seed + 424242,
+                                       control=control)
         self.last_eval_samples = [s for r in results for s in r.samples]
         self.bad_rows.update({f"{b['split']}:{b['index']}": b for r in results for b in r.bad_rows})
+        self.last_eval_top_box = most_common_box([e.metrics for r in results for e in r.episodes])
         return batch_metrics([e.metrics for r in results for e in r.episodes])
 
     def run_sft(self, progress: Any = None) -> list[dict[str, float]]:

@@ -26,6 +26,7 @@ from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from deepeyes_agent.policy.loading import load_processor
+from deepeyes_agent.rollout.controls import Control
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.factory import make_engine
 from deepeyes_agent.rollout.loop import run_episodes
@@ -107,8 +108,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     # ------------------------------------------------------------------ sampling
     def sample(self, *, task_indices: list[int] = (), split: str = "train", n_per_task: int = 1,
                seed: int = 0, temperature: float | None = None, group_offset: int = 0, keep: int = 0,
-               **kwargs: Any) -> RunnerBatch:
-        """Play ``n_per_task`` episodes of each task; returns packed episodes, metrics and ``keep`` samples."""
+               control: Control | None = None, **kwargs: Any) -> RunnerBatch:
+        """Play ``n_per_task`` episodes of each task; returns packed episodes, metrics and ``keep`` samples.
+        ``control`` (evaluation only) changes where the policy looks (``rollout.controls``)."""
         start = time.perf_counter()
         rollout = self.run.rollout
         tasks, rows, bad_rows = self.read_tasks(split, task_indices)
@@ -118,7 +120,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         trajectories = run_episodes(tasks, self.engine, self.processor, n_per_task=n_per_task, sampling=sampling,
                                     env_id=self.run.env.env_id or None, env_kwargs=self.run.env.kwargs,
                                     judge=self.judge, max_total_tokens=rollout.max_total_tokens,
-                                    max_prompt_tokens=rollout.max_prompt_tokens, seed=seed)
+                                    max_prompt_tokens=rollout.max_prompt_tokens, seed=seed,
+                                    env_wrapper=control.wrapper() if control is not None else None)
         episodes = []
         for traj in trajectories:
             if traj.end_reason == "bad_task" and traj.episode_index == 0:  # once per task, not per rollout
