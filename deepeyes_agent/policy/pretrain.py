@@ -48,7 +48,7 @@ from deepeyes_envs.rewards import box_iou
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
 Progress = Callable[[str], None]
 
@@ -68,11 +68,10 @@ class PretrainSettings(Section):
     eyes_locate_weight: float = setting(50.0, "Weight of the eyes' position objective (the frame's centre, smooth L1 "
                                               "in fractions of the image) beside the classification loss.")
     data_seed: int = setting(20_260_401, "Seed of the perception tasks, apart from every RL task seed.")
-    n_eyes: int = setting(9000, "Training images of the eyes stage.")
+    n_eyes: int = setting(6000, "Training images of the eyes stage.")
     n_train: int = setting(4800, "Training questions of the words stage.")
     n_test: int = setting(400, "Held-out questions (each stage) for the model card.")
-    eyes_epochs: int = setting(20, "Passes of the eyes stage over its training images (reading marks in crops that "
-                                   "are off centre takes the tiny tower many).")
+    eyes_epochs: int = setting(12, "Passes of the eyes stage over its training images.")
     eyes_lr: float = setting(1e-3, "AdamW learning rate of the eyes stage.")
     words_steps: int = setting(900, "Optimizer steps of the words stage (eyes frozen).")
     words_lr: float = setting(2e-3, "AdamW learning rate of the words stage.")

@@ -117,11 +117,11 @@ def _grounding_under_rl(train: list[dict[str, Any]]) -> list[str]:
     if len(train) < 2 * EDGE or not any(isinstance(r.get("iou"), (int, float)) for r in train):
         return []
     first, last = train[:EDGE], train[-EDGE:]
+    changes = ", ".join(f"{label} {_cell(mean(first, key))} -> {_cell(mean(last, key))}" for key, label in
+                        (("iou", "zoom IoU"), ("box_centre_hit", "box centre in the target"),
+                         ("tool_call_rate", "tool-call rate")))
     return [f"In the sampled training batches, iterations {first[0]['iteration']}-{first[-1]['iteration']} against "
-            f"{last[0]['iteration']}-{last[-1]['iteration']}: zoom IoU {mean(first, 'iou'):.3f} -> "
-            f"{mean(last, 'iou'):.3f}, box centre in the target {mean(first, 'box_centre_hit'):.3f} -> "
-            f"{mean(last, 'box_centre_hit'):.3f}, tool-call rate {mean(first, 'tool_call_rate'):.3f} -> "
-            f"{mean(last, 'tool_call_rate'):.3f}.", ""]
+            f"{last[0]['iteration']}-{last[-1]['iteration']}: {changes} ('-': no zoom).", ""]
 
 
 def _cell(value: Any) -> str:
