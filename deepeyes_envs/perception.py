@@ -32,7 +32,8 @@ from .tasks import Task
 
 PERCEPTION_FAMILIES = ("color", "shape", "mark", "locate")
 MARK_SIDE = 13  # px: the marks of configs/zoom_cpu.yaml's tasks, readable in a zoom on the frame, not in the full view
-# The zoom run's tasks (configs/zoom_cpu.yaml): 224 px images, a 44 px frame placed anywhere, 13 px marks.
+# The zoom runs' tasks: 224 px images, a 44 px frame placed anywhere (configs/zoom_anywhere_cpu.yaml; the default
+# configs/zoom_cpu.yaml keeps it at the centre), 13 px marks.
 ZOOM_TASKS = ToyConfig(kind="zoom", frame_layout="random", target_size=MARK_SIDE)
 # px, square: a zoom on the frame padded by a quarter is 66 px, 64 or 68 once rounded to seen px. Square, since a
 # crop with one side under 70.5 px and one over would be seen at 28x56 px (each side rounds to 56 or 84 first).

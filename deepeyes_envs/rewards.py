@@ -136,6 +136,12 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def box_centre_inside(box: Box, gt_boxes: Sequence[Box]) -> bool:
+    """Whether the centre of ``box`` lies inside any of ``gt_boxes`` (a zoom there looks at the target)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return any(x1 <= cx <= x2 and y1 <= cy <= y2 for x1, y1, x2, y2 in gt_boxes)
+
+
 def grounding_iou(box: Box, gt_boxes: Sequence[Box]) -> Optional[float]:
     """Best IoU of a zoom box against the task's ground-truth boxes; None when the task has none."""
     return max((box_iou(box, gt) for gt in gt_boxes), default=None)

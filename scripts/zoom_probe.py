@@ -1,9 +1,9 @@
 """Is zooming necessary and sufficient for the zoom run's tasks? The evidence, measured on the pretrained base.
 
-The zoom run (configs/zoom_cpu.yaml) asks for the colour of the plus sign among x marks in a black frame placed
-anywhere in a 224 px image, at a pixel budget of 56x56 px per image. This probe shows that the answer cannot be
-read from the whole image and can be from the env's zoom on the frame, three ways, each on held-out tasks of the
-run's own family:
+The zoom runs (configs/zoom_cpu.yaml, and configs/zoom_anywhere_cpu.yaml whose frame this probe places anywhere)
+ask for the colour of the plus sign among x marks in a black frame in a 224 px image, at a pixel budget of 56x56
+px per image. This probe shows that the answer cannot be read from the whole image and can be from the env's
+zoom on the frame, three ways, each on held-out tasks of the run's own family:
 
 - **the base's answer**: the pretrained base, asked the question as a plain perception question about one view;
 - **frozen eyes + linear head**: a linear classifier on the mean of the view's visual tokens, the tower frozen

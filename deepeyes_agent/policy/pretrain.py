@@ -44,7 +44,7 @@ from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import image_part, message
 from deepeyes_envs.perception import locate_task, perception_tasks
 from deepeyes_envs.prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT
-from deepeyes_envs.rewards import box_iou
+from deepeyes_envs.rewards import box_centre_inside, box_iou
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
@@ -202,9 +202,8 @@ def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: S
 
 def _centre_inside(centre: Sequence[float], task: Task) -> bool:
     """Whether a centre given as fractions of the image lies inside the task's frame."""
-    (x1, y1, x2, y2), = task.gt_boxes
-    side = task.images[0].size[0]
-    return x1 <= centre[0] * side <= x2 and y1 <= centre[1] * side <= y2
+    x, y = (v * task.images[0].size[0] for v in centre)  # square toy images
+    return box_centre_inside((x, y, x, y), task.gt_boxes)
 
 
 def _image_encoder(processor: QwenVLImageProcessor, tasks: Sequence[Task]) -> Callable:
@@ -309,8 +308,7 @@ def locate_by_placement(model: torch.nn.Module, processor: QwenVLImageProcessor,
             truth = task.extra["seen_box"]
             exact.append(written == truth)
             ious.append(box_iou(written, truth) if written else 0.0)
-            inside.append(bool(written) and truth[0] <= (written[0] + written[2]) / 2 <= truth[2]
-                          and truth[1] <= (written[1] + written[3]) / 2 <= truth[3])
+            inside.append(bool(written) and box_centre_inside(written, [truth]))
         out[name] = {"exact": float(np.mean(exact)), "iou": float(np.mean(ious)),
                      "centre_inside": float(np.mean(inside))}
     return out

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from deepeyes_agent.rollout.trajectory import Trajectory
+from deepeyes_envs.rewards import box_centre_inside
 
 
 def episode_metrics(traj: Trajectory) -> dict[str, float | None]:
@@ -33,7 +34,7 @@ def episode_metrics(traj: Trajectory) -> dict[str, float | None]:
     unparsed = sum(1 for turn in traj.turns if turn.error and not turn.tool_calls)
     ious = [float(c["iou"]) for c in calls if isinstance(c.get("iou"), (int, float))]
     gt = traj.task.gt_boxes if traj.task is not None else ()
-    hits = [_centre_inside(c["bbox_original"], gt) for c in calls if "bbox_original" in c] if gt else []
+    hits = [box_centre_inside(c["bbox_original"], gt) for c in calls if "bbox_original" in c] if gt else []
     written = [c["arguments"]["bbox_2d"] for c in calls if _written_box(c)]
     return {
         "reward": float(traj.reward), "acc": float(parts.get("acc", 0.0)),
@@ -54,8 +55,8 @@ def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = 
     if not episodes:
         return {}
     out = {f"{prefix}{key}": _mean([e[key] for e in episodes]) for key in episodes[0] if key != "first_box"}
-    boxes = [e["first_box"] for e in episodes if e.get("first_box") is not None]
-    out[f"{prefix}top_box_share"] = Counter(boxes).most_common(1)[0][1] / len(boxes) if boxes else float("nan")
+    counts = _first_box_counts(episodes)
+    out[f"{prefix}top_box_share"] = counts.most_common(1)[0][1] / counts.total() if counts else float("nan")
     out[f"{prefix}tool_call_rate"] = _mean([float(e.get("tool_calls", 0.0) > 0) for e in episodes])
     calls = sum(e.get("tool_calls", 0.0) for e in episodes)
     out[f"{prefix}invalid_call_rate"] = sum(e.get("invalid_calls", 0.0) for e in episodes) / calls if calls else 0.0
@@ -66,13 +67,12 @@ def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = 
 
 def most_common_box(episodes: Sequence[Mapping[str, float | None]]) -> tuple | None:
     """The first zoom box written most often in a batch (the fixed-box control zooms there on every image)."""
-    boxes = [e["first_box"] for e in episodes if e.get("first_box") is not None]
-    return Counter(boxes).most_common(1)[0][0] if boxes else None
+    counts = _first_box_counts(episodes)
+    return counts.most_common(1)[0][0] if counts else None
 
 
-def _centre_inside(box: Sequence[float], gt_boxes: Sequence[Sequence[float]]) -> bool:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return any(x1 <= cx <= x2 and y1 <= cy <= y2 for x1, y1, x2, y2 in gt_boxes)
+def _first_box_counts(episodes: Sequence[Mapping[str, float | None]]) -> Counter:
+    return Counter(e["first_box"] for e in episodes if e.get("first_box") is not None)
 
 
 def _written_box(call: Mapping) -> bool:

@@ -396,7 +396,8 @@ class DeepEyesAlgorithm(Algorithm):
                          control: Control | None = None) -> dict[str, float]:
         """Play the held-out tasks once each at ``rollout.eval_temperature``; accuracy, tool-call rate, ...
         The first ``keep`` trajectories are kept in ``last_eval_samples`` (the report shows one). ``control``
-        changes where the policy looks (``rollout.controls``); the metrics then also hold ``most_common_box``."""
+        changes where the policy looks (``rollout.controls``). The most common first zoom box is kept in
+        ``last_eval_top_box`` (the fixed-box control's box)."""
         run = self.config.deepeyes
         n = min(self.n_eval_tasks, n_tasks or self.n_eval_tasks)
         if n == 0:
