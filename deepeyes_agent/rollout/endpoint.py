@@ -5,8 +5,9 @@ for every env and benchmark here, multi-turn: each turn sends the whole conversa
 PNG data URLs, so pixels arrive exactly), stops at ``</tool_call>`` and ``<|im_end|>``, steps the env
 with the reply and appends the env's observation (crops included) to the conversation.
 
-The OpenAI API drops the stop string from the reply, so a reply that stopped inside an open
-``<tool_call>`` gets its ``</tool_call>`` back before the env parses it. Results come back as
+The OpenAI API drops the stop string from the reply, so a reply that stopped on ``</tool_call>`` (as vLLM's
+``stop_reason`` says, or, from servers that do not say, inside an open ``<tool_call>``) gets it back before the
+env parses it. Results come back as
 :class:`~deepeyes_agent.rollout.trajectory.Trajectory` objects (text turns, no token ids), judged in one batch
 at the end, so evaluation code treats local and remote policies alike.
 """
@@ -27,12 +28,13 @@ from PIL import Image
 
 import deepeyes_envs  # noqa: F401 - registers the envs
 from deepeyes_agent.rollout.engine import SamplingParams
-from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
+from deepeyes_agent.rollout.loop import end_trajectory, judge_trajectories, open_episode, step_turn
+from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch
 from deepeyes_envs.http import LoopThread, RetryPolicy, async_openai_client, is_retryable
-from deepeyes_envs.judges import JudgeSpec, make_judge
+from deepeyes_envs.judges import JudgeSpec
 from deepeyes_envs.messages import IM_END, Message, message_images
 from deepeyes_envs.registry import env_id_for
-from deepeyes_envs.rewards import EpisodeOutcome, score_episodes
+from deepeyes_envs.rewards import EpisodeOutcome
 from deepeyes_envs.tasks import Task
 
 END_OF_TURN = IM_END
@@ -62,9 +64,19 @@ def to_openai_message(msg: Message) -> dict[str, Any]:
     return {"role": msg["role"], "content": content}
 
 
-def restore_tool_call_close(text: str, finish_reason: str) -> str:
-    """Put back the ``</tool_call>`` the API stripped when generation stopped on it."""
-    if finish_reason == "stop" and text.count(TOOL_CALL_OPEN) > text.count(TOOL_CALL_CLOSE):
+def restore_tool_call_close(text: str, finish_reason: str, stop_reason: Any = None) -> str:
+    """Put back the ``</tool_call>`` the API stripped when generation stopped on it.
+
+    vLLM says which stop string ended the reply (``stop_reason``, beside ``finish_reason``): then the
+    tag goes back exactly when it was generated, also after a malformed call with no ``<tool_call>`` before it,
+    which the env must see as the model wrote it (an unbalanced-tags error, as in the local loop, rather than
+    an answer-less reply). Other servers say nothing, and an open ``<tool_call>`` is the best evidence there is.
+    """
+    if finish_reason != "stop":
+        return text
+    if isinstance(stop_reason, str):
+        return text + TOOL_CALL_CLOSE if stop_reason == TOOL_CALL_CLOSE else text
+    if text.count(TOOL_CALL_OPEN) > text.count(TOOL_CALL_CLOSE):
         return text + TOOL_CALL_CLOSE
     return text
 
@@ -130,7 +142,8 @@ class EndpointPolicy:
         self.requests += 1
         choice = response.choices[0]
         finish = "length" if choice.finish_reason == "length" else "stop"
-        return restore_tool_call_close(choice.message.content or "", finish), finish
+        stop_reason = getattr(choice, "stop_reason", None)  # vLLM's extension of the OpenAI schema
+        return restore_tool_call_close(choice.message.content or "", finish, stop_reason), finish
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "endpoint", "base_url": self.base_url, "model": self.run(self.model())}
@@ -150,7 +163,10 @@ def run_endpoint_episodes(tasks: Sequence[Task], policy: EndpointPolicy, *, n_pe
 
     Same contract as :func:`deepeyes_agent.rollout.loop.run_episodes`: trajectories in task order with the
     group's episodes together, ``group_id`` = the task's index, env reset with ``seed + episode number``,
-    all rewards judged in one batch at the end.
+    all rewards judged in one batch at the end, and a task the env cannot reset on (a bad row) ended at once as
+    ``end_reason == "bad_task"`` without stopping the others. Episodes start, step and end through the loop's
+    own functions (``open_episode``, ``step_turn``, ``end_trajectory``), so the two players differ only in where
+    the text comes from.
     """
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be at least 1, got {n_per_task}")
@@ -165,11 +181,7 @@ def run_endpoint_episodes(tasks: Sequence[Task], policy: EndpointPolicy, *, n_pe
 
     played = policy.run(play_all())
     t0 = time.perf_counter()
-    pending = [(traj, outcome) for traj, outcome in played if outcome is not None]
-    if pending:
-        scored = score_episodes([o for _, o in pending], make_judge(judge))
-        for (traj, _), parts in zip(pending, scored, strict=True):
-            traj.reward, traj.reward_parts = float(parts.score), parts.as_dict()
+    judge_trajectories(played, judge)
     timings = {"judge_s": time.perf_counter() - t0, "total_s": time.perf_counter() - start}
     return TrajectoryBatch([traj for traj, _ in played], timings)
 
@@ -180,11 +192,11 @@ async def _play_one(task: Task, group: int, k: int, policy: EndpointPolicy, samp
 
     env = gym.make(env_id, disable_env_checker=True, **{**env_kwargs, "defer_reward": True})
     try:
-        obs, _ = env.reset(seed=reset_seed, options={"task": task})
-        prompt = tuple(obs["messages"])
-        traj = Trajectory(task_id=task.task_id, group_id=group, env_id=env_id, prompt=prompt, episode_index=k,
-                          seed=reset_seed, task=task, task_images=message_images(prompt), env_kwargs=env_kwargs)
-        conversation: list[Message] = list(prompt)
+        obs, traj = open_episode(env, task, group=group, k=k, name=env_id, reset_seed=reset_seed,
+                                 env_kwargs=env_kwargs)
+        if obs is None:  # a bad row: no request is sent
+            return traj, None
+        conversation: list[Message] = list(traj.prompt)
         outcome = None
         for turn_index in range(10_000):  # the env's max_turns ends the loop
             t0 = time.perf_counter()
@@ -197,22 +209,13 @@ async def _play_one(task: Task, group: int, k: int, policy: EndpointPolicy, samp
                 traj.info["error"] = f"HTTP {exc.status_code}: {exc.message}"
                 traj.reward_parts = {"score": 0.0, "acc": 0.0, "answer": ""}
                 break
-            turn = Turn(text=text, token_ids=[], logprobs=[], finish_reason=finish,
-                        generate_s=time.perf_counter() - t0)
-            traj.turns.append(turn)
-            t0 = time.perf_counter()
-            obs, _, terminated, truncated, info = env.step({"text": text, "finish_reason": finish})
-            turn.env_s = time.perf_counter() - t0
-            turn.tool_calls = list(info.get("tool_calls", []))
-            traj.zoom_boxes.extend(list(c["bbox_original"]) for c in turn.tool_calls if "bbox_original" in c)
-            turn.error = info.get("error")
-            turn.observation = tuple(obs["messages"])
-            conversation.append({"role": "assistant", "content": ({"type": "text", "text": text},)})
-            conversation.extend(obs["messages"])
-            if terminated or truncated:
-                traj.end_reason, traj.terminated, traj.truncated = info.get("end_reason", ""), terminated, truncated
-                traj.info["episode_summary"] = info.get("episode_summary", {})
-                outcome = info.get("outcome")
+            step = step_turn(env, traj, text, finish, generate_s=time.perf_counter() - t0)
+            said = step.played if step.played is not None else text  # a control's turn is what the model "said"
+            conversation.append({"role": "assistant", "content": ({"type": "text", "text": said},)})
+            conversation.extend(step.observation)
+            if step.terminated or step.truncated:
+                outcome = end_trajectory(traj, step.info.get("end_reason", ""), step.terminated, step.truncated,
+                                         step.info, step.reward)
                 break
         traj.images = message_images(conversation)
         return traj, outcome

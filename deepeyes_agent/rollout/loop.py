@@ -139,7 +139,7 @@ def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, vision: Vision
             print(f"turn {turn}: {len(active)} episodes, {tokens} tokens in {generate_s:.2f} s, "
                   f"{len(active) - sum(e.done for e in active)} continue", file=sys.stderr)
     t0 = time.perf_counter()
-    _judge(episodes, judge)
+    judge_trajectories(((e.trajectory, e.outcome) for e in episodes), judge)
     timings["judge_s"] = time.perf_counter() - t0
     for episode in episodes:
         episode.env.close()
@@ -158,25 +158,103 @@ def _turn_params(sampling: SamplingParams, seed: int, turn: int) -> SamplingPara
     return dataclasses.replace(sampling, seed=base * 1009 + turn)
 
 
-def _start(env: gym.Env, task: Task, group: int, k: int, name: str, reset_seed: int, vision: VisionTokenizer,
-           env_kwargs: dict[str, Any], max_total_tokens: int, max_prompt_tokens: int | None) -> _Episode:
-    """Reset the env and open the episode's token context; a prompt over budget ends it at once."""
-    t0 = time.perf_counter()
+def open_episode(env: gym.Env, task: Task, *, group: int, k: int, name: str, reset_seed: int,
+                 **fields: Any) -> tuple[dict[str, Any] | None, Trajectory]:
+    """Reset ``env`` on ``task`` and start its trajectory (``fields`` are further ``Trajectory`` fields).
+
+    A task the env cannot reset on (a ``TaskError``: a row whose image does not decode, say) is no reason to
+    stop the other episodes: the observation comes back None and the trajectory already ended, with
+    ``end_reason == "bad_task"``, the error, a ``BadRow`` record in ``info["bad_row"]`` and no reward. The local
+    loop and the endpoint player (``rollout.endpoint``) both start episodes here, so both treat a bad row alike.
+    """
     try:
         obs, _ = env.reset(seed=reset_seed, options={"task": task})
-    except TaskError as exc:  # a bad row (e.g. an image that does not decode): this episode only is skipped
+    except TaskError as exc:
         trajectory = Trajectory(task_id=task.task_id, group_id=group, env_id=name, episode_index=k, seed=reset_seed,
                                 task=task, end_reason="bad_task", truncated=True, info={"error": str(exc)},
                                 reward_parts={"score": 0.0, "acc": 0.0})
         trajectory.info["bad_row"] = BadRow.from_error(exc).to_json()
-        return _Episode(env=env, trajectory=trajectory, done=True)
+        return None, trajectory
     prompt = tuple(obs["messages"])
     trajectory = Trajectory(task_id=task.task_id, group_id=group, env_id=name, prompt=prompt, episode_index=k,
-                            seed=reset_seed, max_total_tokens=max_total_tokens, task=task,
-                            task_images=message_images(prompt), env_kwargs=env_kwargs)
-    episode = _Episode(env=env, trajectory=trajectory)
+                            seed=reset_seed, task=task, task_images=message_images(prompt), **fields)
+    return obs, trajectory
+
+
+@dataclasses.dataclass
+class TurnStep:
+    """What one env step made of a generated turn (:func:`step_turn`)."""
+
+    turn: Turn
+    observation: Sequence[Any]
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any]
+
+    @property
+    def played(self) -> str | None:
+        """The text a control (``rollout.controls``) played in the policy's place, if it did."""
+        return self.info.get("played_action")
+
+
+def step_turn(env: gym.Env, trajectory: Trajectory, text: str, finish_reason: str, *,
+              token_ids: Sequence[int] = (), logprobs: Sequence[float] = (), token_texts: Sequence[str] = (),
+              generate_s: float = 0.0, metrics: Mapping[str, float] | None = None) -> TurnStep:
+    """Record a generated turn in ``trajectory`` and step ``env`` with it: the tool calls, zoom boxes, error and
+    observation go into the turn. Shared by the local loop (token ids and logprobs) and the endpoint player
+    (text only), so a trajectory reads the same whichever played it."""
+    turn = Turn(text=text, token_ids=list(token_ids), logprobs=list(logprobs), finish_reason=finish_reason,
+                generate_s=generate_s, token_texts=list(token_texts), metrics=dict(metrics or {}))
+    trajectory.turns.append(turn)
+    t0 = time.perf_counter()
+    obs, reward, terminated, truncated, info = env.step({"text": text, "finish_reason": finish_reason})
+    turn.env_s = time.perf_counter() - t0
+    turn.tool_calls = list(info.get("tool_calls", []))
+    trajectory.zoom_boxes.extend(list(c["bbox_original"]) for c in turn.tool_calls if "bbox_original" in c)
+    turn.error = info.get("error")
+    turn.observation = tuple(obs["messages"])
+    turn.scripted_action = info.get("played_action") or info.get("scripted_action")
+    trajectory.timings["generate_s"] = trajectory.timings.get("generate_s", 0.0) + generate_s
+    trajectory.timings["env_s"] = trajectory.timings.get("env_s", 0.0) + turn.env_s
+    return TurnStep(turn, turn.observation, float(reward), bool(terminated), bool(truncated), info)
+
+
+def end_trajectory(trajectory: Trajectory, end_reason: str, terminated: bool, truncated: bool,
+                   info: Mapping[str, Any], reward: float) -> EpisodeOutcome | None:
+    """Close the trajectory's bookkeeping; returns the outcome to judge, or None when the env scored itself
+    (made without ``defer_reward``), whose reward is then taken as it is."""
+    trajectory.end_reason, trajectory.terminated, trajectory.truncated = end_reason, terminated, truncated
+    trajectory.info["episode_summary"] = info.get("episode_summary", {})
+    outcome = info.get("outcome")
+    if outcome is None:
+        trajectory.reward = float(reward)
+        trajectory.reward_parts = dict(info.get("reward_parts") or {"score": float(reward)})
+    return outcome
+
+
+def judge_trajectories(pairs: Iterable[tuple[Trajectory, EpisodeOutcome | None]], judge: JudgeSpec) -> None:
+    """Score every trajectory that has an outcome, in one batch (the judge runs its requests concurrently)."""
+    pending = [(t, o) for t, o in pairs if o is not None]
+    if not pending:
+        return
+    for (trajectory, _), parts in zip(pending, score_episodes([o for _, o in pending], make_judge(judge)),
+                                      strict=True):
+        trajectory.reward = float(parts.score)
+        trajectory.reward_parts = parts.as_dict()
+
+
+def _start(env: gym.Env, task: Task, group: int, k: int, name: str, reset_seed: int, vision: VisionTokenizer,
+           env_kwargs: dict[str, Any], max_total_tokens: int, max_prompt_tokens: int | None) -> _Episode:
+    """Reset the env and open the episode's token context; a prompt over budget ends it at once."""
+    t0 = time.perf_counter()
+    obs, trajectory = open_episode(env, task, group=group, k=k, name=name, reset_seed=reset_seed,
+                                   max_total_tokens=max_total_tokens, env_kwargs=env_kwargs)
+    episode = _Episode(env=env, trajectory=trajectory, done=obs is None)
+    if obs is None:
+        return episode
     try:
-        episode.context = EpisodeContext(vision.processor, prompt, max_total_tokens=max_total_tokens,
+        episode.context = EpisodeContext(vision.processor, trajectory.prompt, max_total_tokens=max_total_tokens,
                                          max_prompt_tokens=max_prompt_tokens, vision=vision)
     except PromptTooLongError as exc:
         trajectory.end_reason, trajectory.truncated, episode.done = "prompt_too_long", True, True
@@ -191,48 +269,28 @@ def _advance(episode: _Episode, generation: Generation, generate_s: float, visio
     """Append the generated turn, step the env with it, and append (or drop) its observation."""
     ctx, trajectory = episode.context, episode.trajectory
     text = generation.text or vision.decode(generation.token_ids)
-    turn = Turn(text=text, token_ids=list(generation.token_ids), logprobs=list(generation.logprobs),
-                finish_reason=generation.finish_reason, generate_s=generate_s,
-                token_texts=[vision.decode([t]) for t in generation.token_ids], metrics=dict(generation.metrics))
-    trajectory.turns.append(turn)
-    t0 = time.perf_counter()
-    action = {"text": text, "finish_reason": generation.finish_reason}
-    obs, reward, terminated, truncated, info = episode.env.step(action)
-    turn.env_s = time.perf_counter() - t0
-    played = info.get("played_action")  # a control (rollout.controls) played another turn: the context holds it
-    if played is None:
+    step = step_turn(episode.env, trajectory, text, generation.finish_reason, token_ids=generation.token_ids,
+                     logprobs=generation.logprobs, token_texts=[vision.decode([t]) for t in generation.token_ids],
+                     generate_s=generate_s, metrics=generation.metrics)
+    ended = step.terminated or step.truncated
+    if step.played is None:  # a control (rollout.controls) played another turn: the context holds it
         ctx.append_generated(generation.token_ids, generation.logprobs)
     else:
-        ctx.append_written(played, ends_turn=terminated or truncated)
-    turn.tool_calls = list(info.get("tool_calls", []))
-    trajectory.zoom_boxes.extend(list(c["bbox_original"]) for c in turn.tool_calls if "bbox_original" in c)
-    turn.error = info.get("error")
-    turn.observation = tuple(obs["messages"])
-    turn.scripted_action = played or info.get("scripted_action")
-    if terminated or truncated:
-        _finish(episode, info.get("end_reason", ""), terminated, truncated, info, reward)
-    elif not ctx.append_observation(obs["messages"]):
-        turn.observation_dropped = True
-        _finish(episode, "token_budget", False, True, info, 0.0)
+        ctx.append_written(step.played, ends_turn=ended)
+    if ended:
+        episode.done = True
+        episode.outcome = end_trajectory(trajectory, step.info.get("end_reason", ""), step.terminated, step.truncated,
+                                         step.info, step.reward)
+    elif not ctx.append_observation(step.observation):
+        step.turn.observation_dropped = True
+        episode.done = True
+        end_trajectory(trajectory, "token_budget", False, True, step.info, 0.0)
         episode.outcome = EpisodeOutcome(response_text=ctx.decode(ctx.token_ids[ctx.prompt_length:]),
                                          task=trajectory.task,
-                                         n_image_observations=len(ctx.images) - trajectory.n_prompt_images)
+                                         n_image_observations=len(ctx.images) - trajectory.n_prompt_images,
+                                         call_cost=getattr(episode.env.unwrapped, "call_cost", None))
         episode.env.close()
     _sync(episode)
-    trajectory.timings["generate_s"] = trajectory.timings.get("generate_s", 0.0) + generate_s
-    trajectory.timings["env_s"] = trajectory.timings.get("env_s", 0.0) + turn.env_s
-
-
-def _finish(episode: _Episode, end_reason: str, terminated: bool, truncated: bool, info: dict[str, Any],
-            reward: float) -> None:
-    trajectory = episode.trajectory
-    episode.done = True
-    trajectory.end_reason, trajectory.terminated, trajectory.truncated = end_reason, terminated, truncated
-    trajectory.info["episode_summary"] = info.get("episode_summary", {})
-    episode.outcome = info.get("outcome")
-    if episode.outcome is None:  # the env scored itself (made without defer_reward)
-        trajectory.reward = float(reward)
-        trajectory.reward_parts = dict(info.get("reward_parts") or {"score": float(reward)})
 
 
 def _sync(episode: _Episode) -> None:
@@ -242,13 +300,3 @@ def _sync(episode: _Episode) -> None:
     if ctx is not None:
         trajectory.token_ids, trajectory.loss_mask, trajectory.logprobs = ctx.token_ids, ctx.loss_mask, ctx.logprobs
         trajectory.images, trajectory.image_grid_thw = ctx.images, ctx.image_grid_thw
-
-
-def _judge(episodes: Iterable[_Episode], judge: JudgeSpec) -> None:
-    """Score every episode that has an outcome in one batch (the judge runs its requests concurrently)."""
-    pending = [e for e in episodes if e.outcome is not None]
-    if not pending:
-        return
-    for episode, parts in zip(pending, score_episodes([e.outcome for e in pending], make_judge(judge)), strict=True):
-        episode.trajectory.reward = float(parts.score)
-        episode.trajectory.reward_parts = parts.as_dict()
