@@ -1,9 +1,10 @@
-"""The tiny model's command line: ``python -m deepeyes_agent.policy build-tiny|pretrain-tiny OUT_DIR``.
+"""The policy command line: ``python -m deepeyes_agent.policy build-tiny|pretrain-tiny|export ...``.
 
 ``build-tiny`` writes the random tiny Qwen2.5-VL, or with ``--family qwen3_vl`` the random tiny Qwen3-VL (tests,
 wiring checks); ``pretrain-tiny`` writes the tiny base
 pretrained on synthetic perception (the zoom run starts from it); ``--cache`` builds it into the settings-hashed
-cache instead (a second call is a cache hit) and prints where.
+cache instead (a second call is a cache hit) and prints where. ``export SOURCE OUT`` writes a run's (or one
+checkpoint's) policy as a Hugging Face model directory (``deepeyes_agent.policy.export``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("out_dir", nargs="?", help="where to write it (default: the cache, see --cache)")
     pretrain.add_argument("--cache", action="store_true", help="build into the settings-hashed cache")
     pretrain.add_argument("--seed", type=int, default=0)
+    export = sub.add_parser("export", help="a run's newest checkpoint, or any checkpoint, as a Hugging Face model dir")
+    export.add_argument("source", help="a run directory (its newest checkpoint) or a checkpoint (checkpoints/iter_N)")
+    export.add_argument("out_dir")
+    export.add_argument("--base", help="the model training started from (default: model.path of the run's config)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.command == "export":
+        from deepeyes_agent.policy.export import PolicySourceError, export_policy
+
+        try:
+            print(export_policy(args.source, args.out_dir, base=args.base).summary())
+        except (PolicySourceError, FileNotFoundError) as exc:
+            print(f"export: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "build-tiny":
         budget = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
         out = TINY_FAMILIES[args.family](args.out_dir, seed=args.seed, **budget)

@@ -17,22 +17,12 @@ from typing import Any
 
 import yaml
 
+from deepeyes_agent.policy.export import CHECKPOINT_PREFIX, FINAL_DIR, latest_checkpoint
 from deepeyes_agent.training.config import TrainConfig
 from deepeyes_agent.training.run_log import RunLog, format_line
 
-CHECKPOINT_PREFIX = "iter_"
-
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (``checkpoints/iter_N``); half-written ``tmp-*`` ones are ignored."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "DONE").exists()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-
-
 def save_checkpoint(algo: Any, run_dir: Path, iteration: int, keep: int) -> Path:
     """Save through RLlib's ``save_to_path`` into a temp dir, then rename: a kill never leaves a torn one."""
     folder = run_dir / "checkpoints"
@@ -183,16 +173,28 @@ def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
             _zoom_controls(algo, cfg, log, echo)
         if algo.bad_rows:  # held-out rows too
             write_skipped_rows(algo.bad_rows, run_dir)
+        final = export_final(run_dir, echo)
         from deepeyes_agent.training.run_log import read_metrics
 
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         return {"run_dir": str(run_dir), "first_eval": evals[0] if evals else {},
-                "last_eval": evals[-1] if evals else {}}
+                "last_eval": evals[-1] if evals else {}, "final": str(final)}
     finally:
         if log is not None:
             log.close()
         if algo is not None:
             algo.stop()
+
+
+def export_final(run_dir: Path, echo: Any) -> Path:
+    """The final policy as a Hugging Face model directory, ``<run_dir>/final`` (``policy.export``): what leaves
+    the run, for transformers, vLLM and ``offline.evaluate``; rewritten by a resumed run."""
+    from deepeyes_agent.policy.export import export_policy
+
+    result = export_policy(latest_checkpoint(run_dir), run_dir / FINAL_DIR)
+    echo(f"final policy: {result.out} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s"
+         f"{', value head left out' if result.dropped else ''})")
+    return result.out
 
 
 def _warm_start(algo: Any, cfg: TrainConfig, log: RunLog, echo: Any) -> None:
