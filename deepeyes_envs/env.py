@@ -76,6 +76,7 @@ class ToolEnv(gym.Env):
         task_source: Any = None,
         judge: Any = "rule",
         defer_reward: bool = False,
+        call_cost: Optional[float] = None,
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
         image_factor: int = PATCH_FACTOR,
@@ -107,6 +108,9 @@ class ToolEnv(gym.Env):
         self.task_source: TaskSource = resolve_task_source(task_source)
         self.judge: Judge = _make_judge(judge)
         self.defer_reward = defer_reward
+        if call_cost is not None and not 0.0 <= call_cost <= 0.8:
+            raise ValueError(f"call_cost must be None (DeepEyes' tool bonus) or within [0, 0.8], got {call_cost}")
+        self.call_cost = call_cost
         self.min_pixels, self.max_pixels, self.image_factor = min_pixels, max_pixels, image_factor
         self.max_image_pixels = max_image_pixels
         self.render_mode = render_mode
@@ -376,7 +380,7 @@ class ToolEnv(gym.Env):
         self._done = True
         info["end_reason"] = reason
         outcome = EpisodeOutcome(response_text="".join(self._response_chunks), task=self.task,
-                                 n_image_observations=self.n_image_observations)
+                                 n_image_observations=self.n_image_observations, call_cost=self.call_cost)
         info["episode_summary"] = self.episode_summary()
         if self.defer_reward:
             info["outcome"] = outcome

@@ -30,6 +30,7 @@ class EpisodeOutcome:
     response_text: str
     task: Task
     n_image_observations: int
+    call_cost: Optional[float] = None  # the env's: None is DeepEyes' tool bonus, a number prices a call instead
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,16 @@ def _score_visual(outcomes: list[EpisodeOutcome], judge: Judge, slots: list[int]
     for k, outcome in enumerate(outcomes):
         verdict = verdicts.get(k, Verdict(correct=0.0, source="too_long"))
         acc = float(verdict.correct)
-        tool = 1.0 if outcome.n_image_observations > 0 and acc > 0.5 else 0.0
+        called = outcome.n_image_observations > 0
+        tool = 1.0 if called and acc > 0.5 else 0.0
         error = bool(problems[k])
+        if outcome.call_cost is None:  # DeepEyes: a bonus for a right answer reached through a tool
+            score, formula = 0.8 * acc - 0.2 * error + 1.2 * tool, "visual"
+        else:  # no bonus, and a price on every answer given after a call: a needless call now costs
+            score, formula = 0.8 * acc - 0.2 * error - outcome.call_cost * called, "visual_priced"
         results[slots[k]] = RewardParts(
-            score=0.8 * acc - 0.2 * error + 1.2 * tool, acc=acc, format_error=error, tool=tool, answer=answers[k],
-            formula="visual", judge_source=verdict.source, judge_raw=verdict.raw, format_problems=tuple(problems[k]),
+            score=score, acc=acc, format_error=error, tool=tool, answer=answers[k], formula=formula,
+            judge_source=verdict.source, judge_raw=verdict.raw, format_problems=tuple(problems[k]),
         )
 
 

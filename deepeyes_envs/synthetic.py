@@ -120,12 +120,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     kind, color = shape.kind, shape.color
     if kind in ("square", "bar"):
         draw.rectangle([x1, y1, r, b], fill=color)
-    elif kind == "plus":  # one-pixel strokes: same pixel count as an "xmark" of the same odd side
-        draw.line([(x1, int(cy)), (r, int(cy))], fill=color)
-        draw.line([(int(cx), y1), (int(cx), b)], fill=color)
+    elif kind == "plus":  # strokes a 13th of the side (one pixel up to 25 px): the pixel count of an "xmark"
+        draw.line([(x1, int(cy)), (r, int(cy))], fill=color, width=max(1, side // 13))
+        draw.line([(int(cx), y1), (int(cx), b)], fill=color, width=max(1, side // 13))
     elif kind == "xmark":
-        draw.line([(x1, y1), (r, b)], fill=color)
-        draw.line([(x1, b), (r, y1)], fill=color)
+        draw.line([(x1, y1), (r, b)], fill=color, width=max(1, side // 13))
+        draw.line([(x1, b), (r, y1)], fill=color, width=max(1, side // 13))
     elif kind == "circle":
         draw.ellipse([x1, y1, r, b], fill=color)
     elif kind == "ring":
@@ -386,6 +386,7 @@ def _distractors(
 
 TOY_COLORS = ("red", "green", "blue", "yellow")
 FRAME_LAYOUTS = ("random", "quadrants", "center")
+READABLE_SCALE = 3  # the frame and marks of a toy zoom task readable in the full view (ToyConfig.readable_share)
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,10 @@ class ToyConfig:
     boxes. A tiny model can learn to pick one of four boxes from a 56x56 view (each of its 4 visual
     tokens covers one quadrant) where regressing free coordinates is out of its reach. ``"center"``: always
     the image centre, so the zoom box is the same for every task and only *whether* to zoom is learned.
+
+    ``readable_share`` (zoom only) of the tasks draw the frame and its marks three times larger, with strokes
+    to match: the full view then shows them as a zoom on a small frame does, so a zoom is needless there.
+    ``extra["needs_zoom"]`` says which kind a task is (the "zoom only when needed" mix, docs/training.md).
     """
 
     kind: str = "color"
@@ -418,6 +423,7 @@ class ToyConfig:
     min_target: int = 4
     frame_size: int = 44
     frame_layout: str = "random"
+    readable_share: float = 0.0
     data_source: str = "synthetic_toy"
     env_name: str = "visual_toolbox_v2"
 
@@ -436,6 +442,10 @@ class ToyConfig:
             raise ValueError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {self.frame_layout!r}")
         if self.frame_layout == "quadrants" and self.size < 2 * self.frame_size + 4:
             raise ValueError("frame_layout='quadrants' needs an image at least twice the frame (plus margins)")
+        if not 0.0 <= self.readable_share <= 1.0:
+            raise ValueError("readable_share must be within [0, 1]")
+        if self.readable_share and self.size < READABLE_SCALE * self.frame_size + 8:
+            raise ValueError(f"readable_share needs an image larger than {READABLE_SCALE} times the frame")
 
     @property
     def colors(self) -> tuple[str, ...]:
@@ -454,10 +464,17 @@ def toy_task(seed: int, index: int = 0, config: ToyConfig = ToyConfig()) -> Task
     colors = config.colors
     answer = str(rng.choice(colors))
     words = ", ".join(colors[:-1]) + f" or {colors[-1]}"
+    extra = {}
     if config.kind == "color":
         shapes, gt, stem = _toy_color_layout(rng, config, answer)
     else:
-        shapes, gt, stem = _toy_zoom_layout(rng, config, answer)
+        # Drawn only for a mix, so that the tasks of a config without one stay as they were.
+        readable = bool(config.readable_share) and bool(rng.random() < config.readable_share)
+        drawn = dataclasses.replace(config, frame_size=READABLE_SCALE * config.frame_size, readable_share=0.0,
+                                    target_size=READABLE_SCALE * config.target_side(), frame_layout="random"
+                                    ) if readable else config
+        shapes, gt, stem = _toy_zoom_layout(rng, drawn, answer)
+        extra = {"needs_zoom": not readable} if config.readable_share else {}
     scene = Scene(width=config.size, height=config.size, background=(128, 128, 128), shapes=tuple(shapes))
     task_id = f"toy-{config.kind}-{seed}-{index}"
     return Task(
@@ -468,7 +485,7 @@ def toy_task(seed: int, index: int = 0, config: ToyConfig = ToyConfig()) -> Task
         env_name=config.env_name,
         task_id=task_id,
         gt_boxes=(tuple(float(v) for v in gt),),
-        extra={"kind": f"toy_{config.kind}", "answer_space": colors, "target_box": shapes[-1].box},
+        extra={"kind": f"toy_{config.kind}", "answer_space": colors, "target_box": shapes[-1].box, **extra},
     )
 
 

@@ -58,3 +58,13 @@ def test_batch_metrics_split_accuracy_by_tool_use():
     assert out["tool_call_rate"] == 0.75 and out["invalid_call_rate"] == 2 / 5
     assert out["iou"] == 0.5  # episodes without a zoom box are left out of the mean
     assert batch_metrics(episodes[:2])["acc_without_tool"] != batch_metrics(episodes[:2])["acc_without_tool"]  # NaN
+
+
+def test_batch_metrics_split_zoom_rate_and_accuracy_by_whether_the_task_needs_a_zoom():
+    episodes = [{"acc": 1.0, "tool_calls": 1.0, "needs_zoom": 1.0}, {"acc": 0.0, "tool_calls": 0.0, "needs_zoom": 1.0},
+                {"acc": 1.0, "tool_calls": 1.0, "needs_zoom": 0.0}, {"acc": 1.0, "tool_calls": 0.0, "needs_zoom": 0.0},
+                {"acc": 1.0, "tool_calls": 0.0, "needs_zoom": 0.0}]
+    out = batch_metrics(episodes)
+    assert (out["tool_call_rate_needed"], out["acc_needed"]) == (0.5, 0.5)
+    assert (out["tool_call_rate_needless"], out["acc_needless"]) == (pytest.approx(1 / 3), 1.0)
+    assert "acc_needed" not in batch_metrics([{"acc": 1.0, "tool_calls": 0.0, "needs_zoom": None}])

@@ -54,6 +54,26 @@ def test_no_tool_bonus_without_an_image_observation_or_with_a_wrong_answer():
     assert (wrong.acc, wrong.tool, wrong.score) == (0.0, 0.0, 0.0)
 
 
+def test_a_call_cost_replaces_the_tool_bonus_by_a_price_on_calls():
+    zoomed = (f"<think>a</think><tool_call>..</tool_call><|im_end|>\n<|im_start|>user\n{IMG}<|im_end|>\n"
+              "<think>b</think><answer>red</answer><|im_end|>")
+    outcomes = [EpisodeOutcome(zoomed, task(), 1, call_cost=0.3),
+                EpisodeOutcome("<think>a</think><answer>red</answer>", task(), 0, call_cost=0.3),
+                EpisodeOutcome(zoomed.replace(">red<", ">blue<"), task(), 1, call_cost=0.3)]
+    right_zoomed, right_plain, wrong_zoomed = score_episodes(outcomes, RuleJudge())
+    assert right_zoomed.score == pytest.approx(0.5) and right_zoomed.formula == "visual_priced"
+    assert right_plain.score == pytest.approx(0.8)  # a needless call costs what it would have paid
+    assert wrong_zoomed.score == pytest.approx(-0.3)
+    assert right_zoomed.tool == 1.0  # the tool metric still says the answer came through a tool
+    env = gym.make("visual_toolbox_v2", call_cost=0.3)
+    env.reset(seed=0)
+    *_, info = env.step("<think>guess</think><answer>A</answer>")
+    assert info["reward_parts"]["formula"] == "visual_priced"
+    assert gym.make("visual_toolbox_v2").unwrapped.call_cost is None  # DeepEyes' reward by default
+    with pytest.raises(ValueError, match="call_cost"):
+        gym.make("visual_toolbox_v2", call_cost=2.0)
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [

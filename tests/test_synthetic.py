@@ -186,6 +186,31 @@ def test_toy_zoom_quadrant_layout_puts_the_frame_in_one_of_four_places():
         ToyConfig(kind="zoom", frame_layout="quadrants", size=80)
 
 
+def test_toy_zoom_mix_draws_a_share_of_tasks_readable_in_the_full_view():
+    plain = [toy_task(5, i, ToyConfig(kind="zoom")) for i in range(40)]
+    mixed = [toy_task(5, i, ToyConfig(kind="zoom", readable_share=0.5)) for i in range(40)]
+    assert all("needs_zoom" not in t.extra for t in plain)
+    readable = [t for t in mixed if not t.extra["needs_zoom"]]
+    assert 10 <= len(readable) <= 30
+    def strokes_survive_a_4x_shrink(task):
+        """Some pixel of the 56x56 view is at least half the answer's colour (a 1 px stroke gives a quarter)."""
+        small = np.asarray(Image.fromarray(task.load_images()[0]).resize((56, 56), Image.Resampling.BOX), float)
+        colour, grey = np.asarray(COLORS[task.answer], float), np.full(3, 128.0)
+        return bool(np.any(np.linalg.norm(small - colour, axis=-1) <= 0.55 * np.linalg.norm(grey - colour)))
+
+    for task in readable[:4]:
+        x1, y1, x2, y2 = task.gt_boxes[0]
+        assert (x2 - x1, y2 - y1) == (132.0, 132.0)  # three times the 44 px frame
+        assert strokes_survive_a_4x_shrink(task)
+    needing = [t for t in mixed if t.extra["needs_zoom"]]
+    assert all(t.gt_boxes[0][2] - t.gt_boxes[0][0] == 44.0 for t in needing)
+    assert not any(strokes_survive_a_4x_shrink(t) for t in needing[:4])
+    with pytest.raises(ValueError, match="readable_share"):
+        ToyConfig(kind="zoom", readable_share=1.5)
+    with pytest.raises(ValueError, match="three times|3 times"):
+        ToyConfig(kind="zoom", readable_share=0.5, size=120)
+
+
 def test_synthetic_source_is_a_task_source_and_samples_reproducibly():
     src = SyntheticTaskSource(50, seed=0, kind="toy")
     assert isinstance(src, TaskSource) and len(src) == 50

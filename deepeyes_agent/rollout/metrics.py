@@ -9,13 +9,17 @@
   without a zoom or a ground truth): did it look where the target is;
 - ``first_box``: the episode's first zoom box as the model wrote it (a tuple, None without one), only for
   ``top_box_share`` below;
-- ``over_turn``: 1 when the episode ran out of turns (``max_turns``) rather than ending itself.
+- ``over_turn``: 1 when the episode ran out of turns (``max_turns``) rather than ending itself;
+- ``needs_zoom``: the task's ``extra["needs_zoom"]`` (1 or 0; None where a task does not say), which the toy zoom
+  mix of readable and unreadable tasks sets (``ToyConfig.readable_share``).
 
 Over a batch (:func:`batch_metrics`) every metric is a mean over episodes, plus ``tool_call_rate`` (the share
 of episodes with at least one tool call), ``invalid_call_rate`` (invalid calls / calls), and the accuracy of the
 episodes that got a tool's image (``acc_with_tool``) beside that of the others (``acc_without_tool``): the control
 that says whether using the tool is what makes the answers right, and ``top_box_share``, the share of the zooming
 episodes whose first box is the batch's most common one: a policy that writes one box for every image has 1.0.
+Where tasks say whether they need a zoom, ``tool_call_rate`` and ``acc`` are also given apart for the tasks that
+need one (``_needed``) and those that do not (``_needless``): does it zoom only when it must.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ def episode_metrics(traj: Trajectory) -> dict[str, float | None]:
         "response_length": float(traj.n_generated_tokens), "turns": float(traj.n_turns),
         "truncated": float(traj.truncated), "tokens": float(len(traj.token_ids)),
         "over_turn": float(traj.end_reason == "max_turns"),
+        "needs_zoom": _needs_zoom(traj),
     }
+
+
+def _needs_zoom(traj: Trajectory) -> float | None:
+    needs = traj.task.extra.get("needs_zoom") if traj.task is not None else None
+    return None if needs is None else float(bool(needs))
 
 
 def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = "") -> dict[str, float]:
@@ -62,6 +72,11 @@ def batch_metrics(episodes: Sequence[Mapping[str, float | None]], prefix: str = 
     out[f"{prefix}invalid_call_rate"] = sum(e.get("invalid_calls", 0.0) for e in episodes) / calls if calls else 0.0
     out[f"{prefix}acc_with_tool"] = _mean([e["acc"] for e in episodes if e.get("image_observations", 0.0) > 0])
     out[f"{prefix}acc_without_tool"] = _mean([e["acc"] for e in episodes if not e.get("image_observations", 0.0)])
+    for suffix, needs in (("needed", 1.0), ("needless", 0.0)):
+        kind = [e for e in episodes if e.get("needs_zoom") == needs]
+        if kind:
+            out[f"{prefix}tool_call_rate_{suffix}"] = _mean([float(e.get("tool_calls", 0.0) > 0) for e in kind])
+            out[f"{prefix}acc_{suffix}"] = _mean([e["acc"] for e in kind])
     return out
 
 

@@ -57,7 +57,7 @@ def write_report(run_dir: str | Path, config: dict[str, Any] | None = None,
     runs = {"run": read_metrics(run_dir), "control": read_metrics(control_dir) if control_dir else []}
     images = _plots(runs, out)
     lines = [f"# Run report: {run_dir.name}", ""]
-    lines += _headline(runs)
+    lines += _headline(runs) + _when_needed(runs)
     train = [r for r in runs["run"] if r.get("kind") == "train"]
     sft = [r for r in runs["run"] if r.get("kind") == "sft"]
     if sft:
@@ -105,6 +105,21 @@ def _headline(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         cells = [_cell(record.get(key)) for key, _ in HEADLINE]
         lines.append(f"| {label} | {record['iteration']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _when_needed(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Where the tasks say whether they need a zoom (the toy zoom mix): zoom rate and accuracy of each kind,
+    held out, at the first and last evaluation."""
+    evals = [r for r in runs["run"] if r.get("kind") == "eval" and "tool_call_rate_needed" in r]
+    if not evals:
+        return []
+    lines = ["| held out | iteration | tool-call rate, zoom needed | accuracy, zoom needed | "
+             "tool-call rate, zoom needless | accuracy, zoom needless |", "|---|---|---|---|---|---|"]
+    for label, r in (("start", evals[0]), ("end", evals[-1])):
+        cells = [_cell(r.get(k)) for k in ("tool_call_rate_needed", "acc_needed", "tool_call_rate_needless",
+                                           "acc_needless")]
+        lines.append(f"| {label} | {r['iteration']} | " + " | ".join(cells) + " |")
+    return ["Zoom only when needed:", "", *lines, ""]
 
 
 def _grounding_under_rl(train: list[dict[str, Any]]) -> list[str]:
