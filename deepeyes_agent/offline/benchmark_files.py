@@ -12,7 +12,10 @@ Layouts read (docs/evaluation.md shows them):
   ``cross``) and ``image`` (base64-encoded image bytes; an ``image_path`` column works too). The name comes
   from the file (``hr_bench_4k.tsv`` -> ``hrbench_4k``).
 * **synthetic** (``synthetic`` or ``synthetic:N``): ``N`` seeded V*-like tasks from
-  :mod:`deepeyes_envs.synthetic`, categories ``attribute`` and ``position``; needs no files.
+  :mod:`deepeyes_envs.synthetic`, categories ``attribute`` and ``position``; needs no files. Any family of that
+  module, with its config's options, as ``synthetic:N,kind=toy_zoom,frame_layout=random,seed=7``: what a policy
+  trained on one placement of the zoom toys scores on another.
+* **heldout** (``heldout`` or ``heldout:N``): the held-out tasks of the run a policy was exported from.
 
 Options are shuffled per sample with a generator seeded by (seed, sample id), and the answer letter is
 remapped, because DeepEyes's unshuffled order ("A" always right) inflated scores by about 5 points.
@@ -220,37 +223,148 @@ def _hrbench_image(row: dict, path: Path, where: str) -> LazyImage:
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
-def load_synthetic(n: int = 40, *, seed: int = 20250, width: int = 1920, height: int = 1080,
-                   env_name: str = "visual_toolbox_v2") -> list[Task]:
-    """The offline mini benchmark: ``n`` V*-like tasks (attribute and position questions)."""
+SYNTHETIC_DEFAULT_N = 40
+SYNTHETIC_DEFAULT_SEED = 20250
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A synthetic benchmark: ``n`` tasks of one family of :mod:`deepeyes_envs.synthetic` drawn with ``seed``,
+    the family's config fields overridden by ``options`` (e.g. ``frame_layout``, ``size``, ``target_size``,
+    ``frame_size`` for ``toy_zoom``)."""
+
+    n: int = SYNTHETIC_DEFAULT_N
+    kind: str = "visual_search"
+    seed: int = SYNTHETIC_DEFAULT_SEED
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """``synthetic`` for the default V*-like set; else the family and every setting that differs, e.g.
+        ``synthetic_toy_zoom_frame_layout-random_seed-7``, so two variants in one run never share a folder."""
+        if self.kind == "visual_search" and not self.options and self.seed == SYNTHETIC_DEFAULT_SEED:
+            return "synthetic"
+        parts = [f"{k}-{v}" for k, v in self.options]
+        if self.seed != SYNTHETIC_DEFAULT_SEED:
+            parts.append(f"seed-{self.seed}")
+        return "_".join(["synthetic", self.kind, *parts]).replace("/", "-")
+
+    def describe(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.n} {self.kind} tasks, seed {self.seed}" + (f", {options}" if options else "")
+
+
+def parse_synthetic_spec(arg: str) -> SyntheticSpec:
+    """``[N][,key=value...]`` after ``synthetic:`` -> a :class:`SyntheticSpec`. ``kind`` picks the family
+    (``visual_search``, ``toy``, ``toy_zoom``, ``count``), ``n`` and ``seed`` the tasks; every other key is a field
+    of the family's config, checked here so a typo fails before any model loads."""
+    from deepeyes_envs.synthetic import SYNTHETIC_KINDS
+
+    fields: dict[str, object] = {}
+    for i, item in enumerate(p.strip() for p in arg.split(",") if p.strip()):
+        if "=" not in item:
+            if i == 0 and item.isdigit():
+                fields["n"] = int(item)
+                continue
+            raise ValueError(f"synthetic benchmark: {item!r} is not N or key=value (e.g. synthetic:64,kind=toy_zoom,"
+                             "frame_layout=random)")
+        key, _, raw = item.partition("=")
+        fields[key.strip()] = _option_value(raw.strip())
+    n = fields.pop("n", SYNTHETIC_DEFAULT_N)
+    seed = fields.pop("seed", SYNTHETIC_DEFAULT_SEED)
+    kind = str(fields.pop("kind", "visual_search"))
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"synthetic benchmark: kind must be one of {list(SYNTHETIC_KINDS)}, got {kind!r}")
+    if not isinstance(n, int) or n < 1 or not isinstance(seed, int):
+        raise ValueError(f"synthetic benchmark: n must be a positive integer and seed an integer, got {n!r}, {seed!r}")
+    spec = SyntheticSpec(n, kind, seed, tuple(sorted(fields.items())))
+    _synthetic_source(spec)  # the family's own checks (unknown fields, bad values) now, not mid-run
+    return spec
+
+
+def _option_value(raw: str) -> object:
+    """``13`` -> 13, ``0.5`` -> 0.5, ``true`` -> True, ``[3,9]`` -> (3, 9), else the text."""
+    import yaml
+
+    value = yaml.safe_load(raw) if raw else ""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _synthetic_source(spec: SyntheticSpec, size: tuple[int, int] | None = None, env_name: str = "visual_toolbox_v2"):
     from deepeyes_envs.synthetic import SyntheticTaskSource
 
-    source = SyntheticTaskSource(n=n, seed=seed, kind="visual_search", width=width, height=height,
-                                 env_name=env_name, data_source="synthetic")
+    options = dict(spec.options)
+    if spec.kind == "visual_search" and size is not None:
+        options = {"width": size[0], "height": size[1], **options}
+    try:
+        return SyntheticTaskSource(n=spec.n, seed=spec.seed, kind=spec.kind, env_name=env_name,
+                                   data_source=spec.name, **options)
+    except TypeError as exc:  # dataclasses.replace names the field it does not know
+        raise ValueError(f"synthetic benchmark {spec.kind}: {exc}") from None
+
+
+def load_synthetic_spec(spec: SyntheticSpec, *, size: tuple[int, int] = (1920, 1080),
+                        env_name: str = "visual_toolbox_v2") -> list[Task]:
+    """The tasks of a synthetic spec, with a category each: ``attribute``/``position`` for the V*-like set, where
+    the frame is for the zoom toys (``center`` or the image quadrant of its centre), the family otherwise."""
     out = []
-    for task in source:
-        original = list(task.options)
-        out.append(dataclasses.replace(task, extra={**task.extra, "category": task.extra["kind"],
-                                                    "stem": question_stem(task.question)},
-                                       options=tuple(original)))
+    for task in _synthetic_source(spec, size, env_name):
+        out.append(dataclasses.replace(task, options=tuple(task.options) if task.options else None,
+                                       extra={**task.extra, "category": _synthetic_category(task),
+                                              "stem": question_stem(task.question)}))
     return out
+
+
+def _synthetic_category(task: Task) -> str:
+    kind = str(task.extra.get("kind", ""))
+    if kind != "toy_zoom" or not task.gt_boxes:
+        return kind
+    x0, y0, x1, y1 = task.gt_boxes[0]
+    height, width = task.load_images()[0].shape[:2]
+    cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+    if abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1:
+        return "center"
+    return ("top" if cy < 0.5 else "bottom") + "-" + ("left" if cx < 0.5 else "right")
+
+
+def heldout_spec(run_data: Optional[dict], n: Optional[int] = None) -> SyntheticSpec:
+    """The held-out tasks of a training run (its ``data`` settings, as an export records them) as a synthetic
+    spec: the same family, options and seed, so an evaluation plays exactly what the run evaluated on."""
+    data = run_data or {}
+    if data.get("source", "synthetic") != "synthetic" or not data.get("kind"):
+        raise ValueError("the heldout benchmark needs a policy exported from a run on synthetic data (its "
+                         "deepeyes_export.json names the held-out family); pass --policy RUN_OR_EXPORT or "
+                         "--run-settings DIR, or use synthetic:N,kind=...")
+    options = tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                           for k, v in (data.get("options") or {}).items()))
+    return SyntheticSpec(n or int(data.get("n_eval") or SYNTHETIC_DEFAULT_N), str(data["kind"]),
+                         int(data.get("eval_seed", SYNTHETIC_DEFAULT_SEED)), options)
 
 
 # ---------------------------------------------------------------------------------------------- specs
 def load_benchmark(spec: str, *, seed: int = 0, shuffle: bool = True, env_name: str = "visual_toolbox_v2",
-                   synthetic_size: tuple[int, int] = (1920, 1080)) -> Benchmark:
-    """``vstar:DIR``, ``hrbench:FILE``, ``synthetic`` or ``synthetic:N`` -> a :class:`Benchmark`."""
+                   synthetic_size: tuple[int, int] = (1920, 1080), run_data: Optional[dict] = None) -> Benchmark:
+    """``vstar:DIR``, ``hrbench:FILE``, ``synthetic[:N][,key=value...]`` or ``heldout[:N]`` -> a :class:`Benchmark`.
+
+    ``heldout`` is the held-out set of the run that ``run_data`` (its ``data`` settings) describes.
+    """
     kind, _, arg = spec.partition(":")
     if kind == "vstar":
         bench = Benchmark("vstar", kind, load_vstar(arg, env_name=env_name), "micro", arg)
     elif kind == "hrbench":
         bench = Benchmark(hrbench_name(arg), kind, load_hrbench(arg, env_name=env_name), "category_mean", arg)
-    elif kind == "synthetic":
-        n = int(arg) if arg else 40
-        tasks = load_synthetic(n, width=synthetic_size[0], height=synthetic_size[1], env_name=env_name)
-        bench = Benchmark("synthetic", kind, tasks, "micro", f"{n} tasks {synthetic_size[0]}x{synthetic_size[1]}")
+    elif kind in ("synthetic", "heldout"):
+        if kind == "heldout" and arg and not arg.isdigit():
+            raise ValueError(f"heldout takes only a count (heldout or heldout:N), got {spec!r}")
+        parsed = parse_synthetic_spec(arg) if kind == "synthetic" else heldout_spec(run_data, int(arg) if arg else None)
+        name = parsed.name if kind == "synthetic" else "heldout"
+        tasks = load_synthetic_spec(parsed, size=synthetic_size, env_name=env_name)
+        source = parsed.describe() + (f" {synthetic_size[0]}x{synthetic_size[1]}" if parsed.kind == "visual_search"
+                                      and "width" not in dict(parsed.options) else "")
+        bench = Benchmark(name, kind, tasks, "micro", source)
     else:
-        raise ValueError(f"unknown benchmark {spec!r}; use vstar:DIR, hrbench:FILE or synthetic[:N]")
+        raise ValueError(f"unknown benchmark {spec!r}; use vstar:DIR, hrbench:FILE, synthetic[:N][,key=value...] or "
+                         "heldout[:N]")
     if shuffle:
         bench.tasks = [shuffle_options(t, seed) for t in bench.tasks]
     return bench

@@ -105,6 +105,8 @@ class EvalConfig(Section):
     shuffle: bool = setting(True, "Shuffle multiple-choice options with the seed (the released order inflates "
                                   "scores).")
     env: str = setting("visual_toolbox_v2", "Env the samples are played in.")
+    env_kwargs: dict = setting({}, "More keyword arguments for the env (e.g. prompt_style, tools); max_turns "
+                                   "is set by max_turns.")
     batch_size: int = setting(8, "Samples per chunk (the unit of resuming).", ge=1)
     judge: Literal["rule", "llm"] = setting("rule", "What decides when the rules cannot.")
     judge_url: Optional[str] = setting(None, "LLM judge base URL (default $LLM_AS_A_JUDGE_BASE).")
@@ -133,7 +135,7 @@ def evaluate_benchmark(bench: Benchmark, runner: Runner, config: EvalConfig, out
     def play(chunk: int, items: range) -> list[dict[str, Any]]:
         chunk_tasks = [tasks[i] for i in items]
         trajs = runner.play(chunk_tasks, n_per_task=config.k, sampling=config.sampling(), env_id=config.env,
-                            env_kwargs={"max_turns": config.max_turns}, judge=judge,
+                            env_kwargs={**config.env_kwargs, "max_turns": config.max_turns}, judge=judge,
                             seed=(config.seed * 1_000_003 + chunk) % 2**31)
         rel = f"{bench.name}/trajectories/chunk-{chunk:05d}"
         save_trajectories(trajs, out_dir / rel)
@@ -154,15 +156,25 @@ def _sample_record(bench: Benchmark, task: Any, trajs: Sequence[Any], chunk: int
                      "ious": [float(c["iou"]) for c in calls if isinstance(c.get("iou"), (int, float))],
                      "trajectory": {"dir": rel, "uid": traj.uid}})
     accs = [r["acc"] for r in runs]
-    return {"benchmark": bench.name, "task_id": task.task_id, "category": category_of(task), "chunk": chunk,
-            "question": task.question, "options": list(task.options or []), "answer": task.answer,
-            "answer_text": task.extra.get("answer_text"), "gt_boxes": [list(b) for b in task.gt_boxes],
-            "acc": float(np.mean(accs)), "pass": float(max(accs)), "runs": runs}
+    record = {"benchmark": bench.name, "task_id": task.task_id, "category": category_of(task), "chunk": chunk,
+              "question": task.question, "options": list(task.options or []), "answer": task.answer,
+              "answer_text": task.extra.get("answer_text"), "gt_boxes": [list(b) for b in task.gt_boxes],
+              "acc": float(np.mean(accs)), "pass": float(max(accs)), "runs": runs}
+    bad = next((t for t in trajs if t.end_reason == "bad_task"), None)
+    if bad is not None:  # the env could not reset on this row (its image does not decode, say): not scored
+        record["bad_row"] = {"error": bad.info.get("error", ""), **bad.info.get("bad_row", {})}
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- metrics
 def benchmark_metrics(records: Sequence[Mapping[str, Any]], overall: str, k: int) -> dict[str, Any]:
-    """Per-category and overall accuracy (Avg@k: the mean over the k runs), Pass@k, tool-use numbers."""
+    """Per-category and overall accuracy (Avg@k: the mean over the k runs), Pass@k, tool-use numbers.
+
+    Rows that could not be played (``bad_row``: the env could not reset on them) are counted and listed, not
+    scored: a broken file is the benchmark's fault, not the policy's, and a silent 0 would hide it.
+    """
+    bad_rows = [{"task_id": r["task_id"], **r["bad_row"]} for r in records if r.get("bad_row")]
+    records = [r for r in records if not r.get("bad_row")]
     by_cat: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         by_cat[r["category"]].append(r)
@@ -182,6 +194,7 @@ def benchmark_metrics(records: Sequence[Mapping[str, Any]], overall: str, k: int
         "turns_per_sample": float(np.mean([run["turns"] for run in runs])) if runs else None,
         "mean_iou": float(np.mean(ious)) if ious else None, "n_iou_boxes": len(ious),
         "end_reasons": dict(sorted(_count(run["end_reason"] for run in runs).items())),
+        "skipped_rows": len(bad_rows), "bad_rows": bad_rows,
     }
 
 
@@ -200,12 +213,18 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
     s = results["settings"]
     policy = s["policy"]
     k = s["k"]
+    source = policy.get("source")
+    benches = "; ".join(f"`{name}` ({bench['source']})" for name, bench in results["benchmarks"].items())
     lines = ["# Evaluation report", "",
              f"- policy: `{policy.get('path') or policy.get('model')}` ({policy.get('kind')}"
+             f"{', ' + source if source else ''}"
+             f"{', checkpoint ' + policy['checkpoint'] if policy.get('checkpoint') else ''}"
              f"{', engine ' + policy['engine'] if 'engine' in policy else ''}"
              f"{', ' + policy['base_url'] if 'base_url' in policy else ''})",
-             f"- env `{s['env']}`, up to {s['max_turns']} model calls per sample, temperature {s['temperature']}, "
-             f"max {s['max_tokens']} tokens per call, k = {k}",
+             f"- benchmarks: {benches}",
+             f"- env `{s['env']}` {json.dumps(s.get('env_kwargs') or {})}, up to {s['max_turns']} model calls per "
+             f"sample, temperature {s['temperature']}, max {s['max_tokens']} tokens per call, k = {k}, seed "
+             f"{s['seed']}" + (f"; defaults from the run of `{s['run_settings']}`" if s.get("run_settings") else ""),
              f"- options shuffled: {'yes, seed ' + str(s['seed']) if s['shuffle'] else 'no (original order)'}; "
              f"judge: rules first, then {'the LLM judge' if s['judge'] == 'llm' else 'nothing (rule-only)'}",
              ""]
@@ -228,6 +247,9 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
         lines += [f"## {name}", "", f"Source: `{bench['source']}`", "",
                   md_table(["category", "samples", f"{acc_label} (%)"], rows), "",
                   f"Episode endings: {ends}. Zoom boxes with a ground-truth IoU: {m['n_iou_boxes']}.", ""]
+        if m.get("bad_rows"):
+            lines += [f"{len(m['bad_rows'])} row(s) could not be played and are not scored:", "",
+                      *[f"- `{b['task_id']}`: {b.get('error', '')}" for b in m["bad_rows"]], ""]
     bars = {name: {c: 100 * v["acc"] for c, v in b["metrics"]["categories"].items()}
             for name, b in results["benchmarks"].items()}
     if any(bars.values()):
@@ -254,14 +276,21 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------------- the command
 def run_evaluation(benchmarks: Sequence[Benchmark], runner: Runner, out_dir: str | os.PathLike, *,
                    config: EvalConfig | None = None, limit: Optional[int] = None, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Evaluate (resuming what ``out_dir`` holds), write results.json, report.md and plots; return results."""
+                   progress: bool = True, run_settings_from: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate (resuming what ``out_dir`` holds), write results.json, report.md and plots; return results.
+    ``run_settings_from`` names the run whose settings the config defaulted to (the report says so)."""
     config = config or EvalConfig()
+    names = [b.name for b in benchmarks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two benchmarks share a name ({names}): give them different settings or evaluate them "
+                         "into different --out directories")
     out = Path(out_dir)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"policy": runner.describe(), **config.model_dump(mode="json")}
+    if run_settings_from:
+        settings["run_settings"] = run_settings_from
     (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     start = time.perf_counter()
     results: dict[str, Any] = {"settings": settings, "benchmarks": {}}
@@ -284,22 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_policy_arguments(parser)
+    parser.add_argument("--run-settings", metavar="DIR",
+                        help="take the env, turn and token defaults (and the heldout benchmark) from this export, run "
+                             "or checkpoint; automatic for a --policy from a run, needed with --endpoint")
     b = parser.add_argument_group("benchmarks and output")
     b.add_argument("--benchmark", action="append", required=True,
-                   help="vstar:DIR, hrbench:FILE (.tsv or .parquet) or synthetic[:N]; repeat for several")
+                   help="vstar:DIR, hrbench:FILE (.tsv or .parquet), synthetic[:N][,key=value...] (e.g. "
+                        "synthetic:64,kind=toy_zoom,frame_layout=random,seed=7) or heldout[:N] (the run's held-out "
+                        "tasks); repeat for several")
     b.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     b.add_argument("--limit", type=int, help="evaluate only the first N samples of each benchmark")
     b.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
     b.add_argument("--no-progress", action="store_true")
-    b.add_argument("--synthetic-size", default="1920x1080", help="image size of the synthetic benchmark, WxH")
-    e = parser.add_argument_group("evaluation")
+    b.add_argument("--synthetic-size", default="1920x1080", help="image size of the V*-like synthetic benchmark, WxH")
+    e = parser.add_argument_group("evaluation (unset ones default to the run's, for a policy from a run)")
     e.add_argument("--k", type=int, default=1, help="samples per question (Avg@k, Pass@k); use with --temperature")
     e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    e.add_argument("--max-turns", type=int, default=11, help="model calls per sample (DeepEyes evaluated with 11)")
-    e.add_argument("--max-tokens", type=int, default=1024, help="tokens per model call")
+    e.add_argument("--max-turns", type=int, help="model calls per sample (default 11, as DeepEyes evaluated)")
+    e.add_argument("--max-tokens", type=int, help="tokens per model call (default 1024)")
     e.add_argument("--seed", type=int, default=0, help="option shuffling and sampling seed")
     e.add_argument("--no-shuffle", action="store_true", help="keep the released option order (inflates scores)")
-    e.add_argument("--env", default="visual_toolbox_v2", help="env the samples are played in")
+    e.add_argument("--env", help="env the samples are played in (default visual_toolbox_v2)")
+    e.add_argument("--env-kwargs", type=json.loads, help='more env keyword arguments as JSON, e.g. \'{"tools": []}\'')
     e.add_argument("--batch-size", type=int, default=8, help="samples per chunk (the unit of resuming)")
     e.add_argument("--judge", choices=("rule", "llm"), default="rule", help="what decides when rules cannot")
     e.add_argument("--judge-url", help="LLM judge base URL (default $LLM_AS_A_JUDGE_BASE)")
@@ -307,25 +342,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_defaults(run: Mapping[str, Any]) -> dict[str, Any]:
+    """EvalConfig values from a training run's settings (``policy.export.run_settings``): a policy is scored in
+    the env, with the turns and reply length, it was trained and evaluated with, and the env reads boxes in the
+    frame the policy's image processor shows it (a player behind an endpoint has no processor to ask)."""
+    kwargs = {**(run.get("image_geometry") or {}), **(run.get("env_kwargs") or {})}
+    out: dict[str, Any] = {}
+    if "max_turns" in kwargs:
+        out["max_turns"] = int(kwargs.pop("max_turns"))
+    if run.get("env_id"):
+        out["env"] = run["env_id"]
+    if kwargs:
+        out["env_kwargs"] = kwargs
+    if run.get("max_tokens"):
+        out["max_tokens"] = int(run["max_tokens"])
+    return out
+
+
+def _policy_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Optional[str]]:
+    """The run settings the evaluation defaults to, and where they came from (None: no run)."""
+    from deepeyes_agent.policy.export import resolve_policy_source, source_settings
+
+    where = args.run_settings or args.policy
+    if where is None:
+        return {}, None
+    source = resolve_policy_source(where)
+    settings = source_settings(source)
+    if args.run_settings and not settings:
+        raise ValueError(f"--run-settings {args.run_settings}: no run settings there (an export by train.py or "
+                         "`python -m deepeyes_agent.policy export`, a run directory or one of its checkpoints)")
+    return settings, str(source.run_dir or source.path) if settings else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from deepeyes_agent.policy.export import PolicySourceError
+
     args = build_parser().parse_args(argv)
-    width, height = (int(v) for v in args.synthetic_size.lower().split("x"))
-    config = EvalConfig(k=args.k, temperature=args.temperature, max_turns=args.max_turns, max_tokens=args.max_tokens,
-                        seed=args.seed, shuffle=not args.no_shuffle, env=args.env, batch_size=args.batch_size,
-                        judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
-                        synthetic_size=(width, height))
-    benchmarks = [load_benchmark(spec, seed=args.seed, shuffle=config.shuffle, env_name=args.env,
-                                 synthetic_size=(width, height)) for spec in args.benchmark]
-    runner = runner_from_arguments(args)
+    try:
+        width, height = (int(v) for v in args.synthetic_size.lower().split("x"))
+        run, run_from = _policy_run_settings(args)
+        given = {"max_turns": args.max_turns, "max_tokens": args.max_tokens, "env": args.env,
+                 "env_kwargs": args.env_kwargs}
+        defaults = run_defaults(run)
+        chosen = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+        chosen["env_kwargs"] = {**defaults.get("env_kwargs", {}), **(args.env_kwargs or {})}  # on top of the run's
+        config = EvalConfig(k=args.k, temperature=args.temperature, seed=args.seed, shuffle=not args.no_shuffle,
+                            batch_size=args.batch_size, judge=args.judge, judge_url=args.judge_url,
+                            judge_model=args.judge_model, synthetic_size=(width, height), **chosen)
+        benchmarks = [load_benchmark(spec, seed=args.seed, shuffle=config.shuffle, env_name=config.env,
+                                     synthetic_size=(width, height), run_data=run.get("data"))
+                      for spec in args.benchmark]
+    except (ValueError, PolicySourceError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    runner = runner_from_arguments(args, run)
     try:
         results = run_evaluation(benchmarks, runner, args.out, config=config, limit=args.limit,
-                                 overwrite=args.overwrite, progress=not args.no_progress)
+                                 overwrite=args.overwrite, progress=not args.no_progress, run_settings_from=run_from)
     finally:
         runner.close()
     for name, bench in results["benchmarks"].items():
         m = bench["metrics"]
+        skipped = f", {m['skipped_rows']} bad row(s) skipped" if m["skipped_rows"] else ""
         print(f"{name}: overall {pct(m['overall'])}% over {m['n']} samples, "
-              f"{m['tool_calls_per_sample']:.2f} tool calls per sample")
+              f"{m['tool_calls_per_sample']:.2f} tool calls per sample{skipped}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
