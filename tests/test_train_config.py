@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,7 +84,7 @@ def test_unknown_key_in_a_file_is_an_error(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "zoom_cpu", "zoom_anywhere_cpu", "deepeyes_7b"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "zoom_cpu", "zoom_anywhere_cpu", "zoom_when_needed_cpu", "deepeyes_7b"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
@@ -104,3 +106,12 @@ def test_train_py_reports_config_errors(capsys):
     spec.loader.exec_module(module)
     assert module.main(["rollout.n_per_prompt=4"]) == 2
     assert "did you mean 'rollout.rollouts_per_prompt'" in capsys.readouterr().err
+
+
+def test_describing_the_settings_does_not_load_torch():
+    probe = ("import runpy, sys\nsys.argv = ['train.py', '--describe']\n"
+             "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "`algorithm.advantage`" in out.stdout and out.stdout.rstrip().endswith("TORCH False")

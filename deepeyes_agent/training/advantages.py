@@ -8,16 +8,12 @@ last position whose ``loss_mask`` is 1; outputs are exactly 0 at masked-out posi
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from deepeyes_agent.training.choices import ADVANTAGE_ESTIMATORS
 from deepeyes_agent.training.masked import as_bool, masked_whiten, zero_masked
-
-Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "gae"]
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(Advantage)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. Outcome rewards <-> tokens

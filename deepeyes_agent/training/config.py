@@ -15,8 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from deepeyes_agent.settings import ConfigError, Section, load, setting, settings_table
-from deepeyes_agent.training.advantages import Advantage
-from deepeyes_agent.training.losses import KLEstimator, LossAgg
+from deepeyes_agent.training.choices import Advantage, KLEstimator, LossAgg
 
 __all__ = ["ConfigError", "TrainConfig", "describe", "load_config"]
 

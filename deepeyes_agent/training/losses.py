@@ -16,18 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from deepeyes_agent.policy.logprobs import last_hidden_state, token_stats
+from deepeyes_agent.training.choices import KL_ESTIMATORS, LOSS_AGG_MODES
 from deepeyes_agent.training.masked import as_bool, masked_mean, masked_sum, zero_masked
-
-LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
-LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAgg)
-KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 
 def aggregate_loss(
