@@ -22,7 +22,8 @@ from deepeyes_envs.perception import (
 from deepeyes_envs.synthetic import TOY_COLORS, SyntheticTaskSource, toy_task
 
 SEEN = lambda w, h: seen_size(w, h, 3136, 3136)  # noqa: E731 - the zoom run's budget: every image 56x56
-SMALL = PretrainSettings(n_eyes=96, n_train=64, n_test=16, eyes_epochs=1, words_steps=3, batch_size=8)
+SMALL = PretrainSettings(n_eyes=96, n_train=64, n_test=16, eyes_epochs=1, eyes_locate_epochs=1, words_steps=3,
+                         batch_size=8)
 
 
 def test_perception_tasks_are_seeded_one_turn_questions_of_every_family():
@@ -81,7 +82,7 @@ def test_a_second_build_is_a_cache_hit_and_the_card_says_what_it_learned(tmp_pat
     card = (first / "README.md").read_text()
     assert "no tool call anywhere" in card and "| mark |" in card and "eyes" in card
     assert set(report["locate"]) == {"centre", "quadrants", "anywhere"} and "| anywhere |" in card
-    assert any(line.startswith("eyes epoch 1/1") for line in lines)
+    assert any(line.startswith("eyes epoch 2/2") for line in lines)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     lines.clear()
     assert pretrained_tiny_base(SMALL, cache_dir=tmp_path, progress=lines.append) == first

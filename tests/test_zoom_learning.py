@@ -10,6 +10,7 @@ RLlib algorithm, the rule judge, the controls, the report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,3 +83,39 @@ def test_asynchronous_training_learns_to_zoom_as_well(tmp_path):
     assert max(r["async/staleness_max"] for r in train) == 1.0  # it did learn from stale episodes
     assert end["tool_call_rate"] - start["tool_call_rate"] >= 0.4
     assert end["acc"] >= 0.8 and end["acc"] - start["acc"] >= 0.3
+
+
+@pytest.mark.timeout(1800)
+def test_with_the_frame_anywhere_rl_learns_where_to_look(tmp_path):
+    """configs/zoom_anywhere_cpu.yaml, shortened: the cold start leaves greedy decoding answering directly, RL makes
+    it zoom and be right, and it is *where* it zooms that makes it right: the same policy with one box for every
+    image falls back towards chance, while the sampled boxes move onto the frame under RL."""
+    run_dir = tmp_path / "anywhere"
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "configs/zoom_anywhere_cpu.yaml",
+                           "iterations=45", f"logging.run_dir={run_dir}", "logging.progress=false",
+                           "logging.tensorboard=false"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1700,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = evals(run_dir)
+    start, end = run[0], run[-1]
+    controls = {r["control"]: r for r in records(run_dir) if r["kind"] == "control"}
+    print(f"anywhere: held-out accuracy {start['acc']:.3f} -> {end['acc']:.3f}, tool-call rate "
+          f"{start['tool_call_rate']:.3f} -> {end['tool_call_rate']:.3f}, box centre in the frame "
+          f"{end['box_centre_hit']:.3f}, top box share {end['top_box_share']:.3f}; controls "
+          + str({name: round(r["acc"], 3) for name, r in controls.items()}))
+    assert start["tool_call_rate"] <= 0.2 and start["acc"] <= 0.35
+    assert end["tool_call_rate"] - start["tool_call_rate"] >= 0.4 and end["acc"] - start["acc"] >= 0.3
+    assert end["top_box_share"] < 0.25  # its boxes follow the image
+    fixed = max(controls["fixed_box_common"]["acc"], controls["fixed_box_centre"]["acc"])
+    assert end["acc"] - fixed >= 0.1, "one box for every image scores as well: it is not looking where"
+    assert controls["oracle_zoom"]["acc"] >= 0.8
+    train = [r for r in records(run_dir) if r["kind"] == "train"]
+    first, last = train[:5], train[-5:]
+
+    def hits(rs):
+        values = [r["box_centre_hit"] for r in rs if isinstance(r.get("box_centre_hit"), float)
+                  and math.isfinite(r["box_centre_hit"])]
+        return sum(values) / max(1, len(values))
+
+    assert hits(last) > hits(first), "the sampled boxes did not move onto the frame under RL"

@@ -48,7 +48,7 @@ from deepeyes_envs.rewards import box_centre_inside, box_iou
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 6
 DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
 Progress = Callable[[str], None]
 
@@ -62,18 +62,20 @@ class PretrainSettings(Section):
     families: tuple[str, ...] = setting(("color", "shape", "mark", "locate", "locate", "locate"),
                                         "Perception families of the words stage (deepeyes_envs.perception), "
                                         "cycled: writing a box takes more steps than a word.")
-    eyes_families: tuple[str, ...] = setting(("mark", "locate", "mark", "shape", "mark", "color"),
-                                             "The eyes stage's mix, cycled: marks, frames to locate and shapes "
-                                             "take the tiny tower more examples than colours.")
+    eyes_families: tuple[str, ...] = setting(("mark", "locate", "mark", "shape", "mark", "color", "mark", "mark"),
+                                             "The eyes stage's mix, cycled: marks read off centre take the tiny "
+                                             "tower the most examples, then frames to locate and shapes.")
     eyes_locate_weight: float = setting(50.0, "Weight of the eyes' position objective (the frame's centre, smooth L1 "
                                               "in fractions of the image) beside the classification loss.")
     data_seed: int = setting(20_260_401, "Seed of the perception tasks, apart from every RL task seed.")
-    n_eyes: int = setting(6000, "Training images of the eyes stage.")
-    n_train: int = setting(4800, "Training questions of the words stage.")
+    n_eyes: int = setting(16000, "Training images of the eyes stage.")
+    n_train: int = setting(19200, "Training questions of the words stage.")
     n_test: int = setting(400, "Held-out questions (each stage) for the model card.")
-    eyes_epochs: int = setting(12, "Passes of the eyes stage over its training images.")
+    eyes_epochs: int = setting(24, "Passes of the eyes stage's classification over its images without a frame "
+                                   "to locate.")
+    eyes_locate_epochs: int = setting(4, "Passes over all its images after that, the position objective added.")
     eyes_lr: float = setting(1e-3, "AdamW learning rate of the eyes stage.")
-    words_steps: int = setting(900, "Optimizer steps of the words stage (eyes frozen).")
+    words_steps: int = setting(1800, "Optimizer steps of the words stage (eyes frozen).")
     words_lr: float = setting(2e-3, "AdamW learning rate of the words stage.")
     batch_size: int = setting(32, "Questions per step of the words stage.")
     eyes_batch_size: int = setting(64, "Images per step of the eyes stage.")
@@ -142,7 +144,7 @@ def build_pretrained_tiny(out: str | os.PathLike, settings: PretrainSettings, pr
 def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: Sequence[Task], test: Sequence[Task],
                settings: PretrainSettings, generator: torch.Generator, progress: Progress) -> dict[str, float]:
     """The vision tower + merger as a classifier of the answer word (a linear head on the mean of each image's
-    visual tokens) and, for ``locate`` images, a regressor of the frame's centre (a small head on all of the
+    visual tokens) and, for ``locate`` images, a regressor of the frame's centre (a linear head on all of the
     image's visual tokens, so that where the frame is stays in them for the language model to read out).
     Held-out per family: classification accuracy, and for ``locate`` the share of predicted centres inside the
     frame."""
@@ -151,8 +153,9 @@ def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: S
     hidden = model.config.text_config.hidden_size
     located = [t for t in train if "frame_center" in t.extra]  # all of one size: one token count
     n_tokens = int(encode(located[:1])[1].prod()) // processor.image_processor.merge_size ** 2 if located else 1
-    heads = torch.nn.ModuleDict({"classify": torch.nn.Linear(hidden, len(words)), "locate": torch.nn.Sequential(
-        torch.nn.Linear(n_tokens * hidden, 4 * hidden), torch.nn.SiLU(), torch.nn.Linear(4 * hidden, 2))})
+    # Linear heads: what they read must be plain in the visual tokens for the language model to read it too.
+    heads = torch.nn.ModuleDict({"classify": torch.nn.Linear(hidden, len(words)),
+                                 "locate": torch.nn.Linear(n_tokens * hidden, 2)})
 
     def outputs(batch: Sequence[Task]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         pixels, grids = encode(batch)
@@ -175,15 +178,19 @@ def train_eyes(model: torch.nn.Module, processor: QwenVLImageProcessor, train: S
 
     optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *heads.parameters()], lr=settings.eyes_lr,
                                   weight_decay=0.0)
+    # Classification first, the position objective after: trained together from the start, the regression's
+    # gradients took the tiny tower's capacity and it never learnt to read a mark off centre (docs/training.md).
+    classified = [t for t in train if "answer_space" in t.extra]
+    phases = [classified] * settings.eyes_epochs + [list(train)] * settings.eyes_locate_epochs
     model.train()
-    for epoch in range(settings.eyes_epochs):
-        order = torch.randperm(len(train), generator=generator)
+    for epoch, images in enumerate(phases):
+        order = torch.randperm(len(images), generator=generator)
         for batch in order.split(settings.eyes_batch_size):
-            loss = loss_of([train[i] for i in batch])
+            loss = loss_of([images[i] for i in batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        progress(f"eyes epoch {epoch + 1}/{settings.eyes_epochs}: loss {float(loss.detach()):.3f}")
+        progress(f"eyes epoch {epoch + 1}/{len(phases)}: loss {float(loss.detach()):.3f}")
     model.eval()
     hits = []
     with torch.no_grad():
@@ -349,9 +356,9 @@ offline by `deepeyes_agent.policy.pretrain` (recipe version {report['recipe_vers
   and one short answer each, no tool call anywhere, and no family whose answer can only be read through a zoom.
 - **Images**: seen at {s['min_pixels']}..{s['max_pixels']} pixels (the saved processor budget).
 - **Stage 1, eyes**: the vision tower and merger with a linear head on the mean of each image's visual tokens,
-  classifying the answer word, and a small head on all its visual tokens regressing the frame's centre of locate
-  images (weight {s['eyes_locate_weight']}), on {s['n_eyes']} images ({", ".join(s['eyes_families'])}, cycled),
-  {s['eyes_epochs']} epochs at lr {s['eyes_lr']}.
+  classifying the answer word, on {s['n_eyes']} images ({", ".join(s['eyes_families'])}, cycled), {s['eyes_epochs']}
+  epochs at lr {s['eyes_lr']}; then {s['eyes_locate_epochs']} epochs with a linear head on all the visual tokens of
+  locate images added, regressing the frame's centre (weight {s['eyes_locate_weight']}).
 - **Stage 2, words**: eyes frozen, the language model trained on the answer turn (`<answer>...</answer>`) of
   {s['n_train']} questions
   ({", ".join(s['families'])}), {s['words_steps']} steps of {s['batch_size']} at lr {s['words_lr']}.
