@@ -87,6 +87,10 @@ def test_a_module_state_that_is_not_tensors_is_refused(tmp_path):
         pickle.dump({"x": shutil.rmtree}, f)  # a global outside torch: never imported, let alone called
     with pytest.raises(pickle.UnpicklingError, match="refusing to load shutil.rmtree"):
         load_module_state(tmp_path / "iter_1")
+    with (tmp_path / "iter_1" / MODULE_STATE).open("wb") as f:
+        pickle.dump({"x": torch.load}, f)  # torch, but a loader of arbitrary pickles: refused too
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load torch.serialization.load"):
+        load_module_state(tmp_path / "iter_1")
 
 
 # ------------------------------------------------------------------------------------------ slow: a PPO run of the tiny model
@@ -168,6 +172,7 @@ def _learner_logprobs(cfg, checkpoint, ctx):
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_exported_logprobs_equal_the_learners_on_a_heldout_episode(ppo_run, tmp_path):
     from transformers import AutoModelForImageTextToText
 

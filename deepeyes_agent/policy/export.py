@@ -150,15 +150,31 @@ def run_settings(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ reading a checkpoint
 class _TensorUnpickler(pickle.Unpickler):
-    """An unpickler that rebuilds torch tensors and plain containers only: a module state is nothing else, and
-    refusing every other global keeps a stray (or hostile) pickle from running code at export time."""
+    """An unpickler that rebuilds torch tensors in plain containers and nothing else: a module state holds no
+    other object, and refusing every other global keeps a stray (or hostile) pickle from running code at export
+    time. The storages inside are read with ``torch.load(..., weights_only=True)``, where torch's own pickle
+    helper would read them with no restriction at all."""
 
-    ALLOWED = ("torch", "collections", "numpy")
+    SAFE = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("torch", "device")}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] in self.ALLOWED:
+        import torch
+
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage_weights_only
+        if (module, name) in self.SAFE or (module == "torch" and (
+                name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"a module state holds tensors only; refusing to load {module}.{name}")
+
+
+def _load_storage_weights_only(data: bytes) -> Any:
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def load_module_state(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
