@@ -4,7 +4,8 @@ From the tiny base pretrained on perception (never on tool calls), a short cold 
 tool-call rate at 0.3 or below; GRPO with the DeepEyes reward must then raise it by at least 0.4 and held-out
 accuracy by at least 0.3, to 0.8 or more, while the same run with the tool disabled stays near chance (1 in 4
 colours), and an oracle first zoom on the frame is right too. Runs the real ``train.py`` in a subprocess: Ray, the
-RLlib algorithm, the rule judge, the controls, the report.
+RLlib algorithm, the rule judge, the controls, the report. The last test runs configs/zoom_anywhere_cpu.yaml
+(the frame anywhere), shortened: there it is *where* it zooms that makes it right.
 """
 
 from __future__ import annotations
@@ -111,11 +112,10 @@ def test_with_the_frame_anywhere_rl_learns_where_to_look(tmp_path):
     assert end["acc"] - fixed >= 0.1, "one box for every image scores as well: it is not looking where"
     assert controls["oracle_zoom"]["acc"] >= 0.8
     train = [r for r in records(run_dir) if r["kind"] == "train"]
-    first, last = train[:5], train[-5:]
 
-    def hits(rs):
-        values = [r["box_centre_hit"] for r in rs if isinstance(r.get("box_centre_hit"), float)
-                  and math.isfinite(r["box_centre_hit"])]
+    def mean_iou(rs):
+        values = [r["iou"] for r in rs if isinstance(r.get("iou"), float) and math.isfinite(r["iou"])]
         return sum(values) / max(1, len(values))
 
-    assert hits(last) > hits(first), "the sampled boxes did not move onto the frame under RL"
+    # Measured 0.153 -> 0.177 over these 45 iterations (0.153 -> 0.225 over the config's 150).
+    assert mean_iou(train[-10:]) > mean_iou(train[:10]), "the sampled boxes did not move onto the frame under RL"
