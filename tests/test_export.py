@@ -157,9 +157,12 @@ def _heldout_episode(cfg, final):
 def _learner_logprobs(cfg, checkpoint, ctx):
     """The learner's token logprobs of ``ctx``: the RLlib learner restored from the checkpoint, scoring the way its
     loss does (the chunked LM head at the rollout temperature, vision tokens suppressed)."""
+    import ray
+
     from deepeyes_agent.policy.logprobs import token_logprobs
     from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
 
+    started_ray = not ray.is_initialized()  # building the algorithm starts Ray: later modules start their own
     algo = DeepEyesConfig.from_run_config(cfg).build_algo()
     try:
         algo.restore_from_path(str(checkpoint))
@@ -169,6 +172,8 @@ def _learner_logprobs(cfg, checkpoint, ctx):
                                   learner.suppress_token_ids)[0], learner.suppress_token_ids
     finally:
         algo.stop()
+        if started_ray:
+            ray.shutdown()
 
 
 @pytest.mark.slow
