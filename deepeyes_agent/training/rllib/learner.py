@@ -37,6 +37,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from deepeyes_agent.policy.chat import VisionTokenizer
 from deepeyes_agent.policy.loading import load_model, load_processor
 from deepeyes_agent.policy.logprobs import shard_aware_scoring
 from deepeyes_agent.training.batch import PackedEpisode, collate_episodes, micro_batches
@@ -52,9 +53,9 @@ class LLMLearner(TorchLearner):
         run = self.config.deepeyes
         torch.set_num_threads(run.resources.torch_threads)
         super().build()
-        model_config = self.model.config
-        self.suppress_token_ids = tuple(int(getattr(model_config, name)) for name in (
-            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
+        # The tokens sampling never draws, from the tokenizer as the rollouts take them: logprobs agree only if
+        # both sides leave out the same ones.
+        self.suppress_token_ids = VisionTokenizer(load_processor(run.model.path)).vision_token_ids
         self.ref_model: torch.nn.Module | None = None
         self._sft_optimizer: torch.optim.Optimizer | None = None
         self._filler: PackedEpisode | None = None
