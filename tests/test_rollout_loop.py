@@ -100,7 +100,14 @@ def test_observation_over_budget_truncates(policy, tasks, batch) -> None:
     assert traj.n_turns == 2 and traj.turns[-1].observation_dropped and traj.turns[-1].observation
     assert len(traj.images) == 2 and len(traj.token_ids) <= budget
     assert "acc" in traj.reward_parts and traj.reward_parts["tool"] == 0.0  # judged; no answer was given
+    assert traj.reward_parts["formula"] == "visual"
     assert engine.cached_tokens == 0  # released when the episode ended
+    # An env that prices its calls prices the cut-off episode as well: the outcome the loop builds carries it.
+    (priced,) = run_episodes(tasks[:1], engine, policy.processor, sampling=PARAMS, env_wrapper=ScriptedActions,
+                             max_total_tokens=budget, env_kwargs={"call_cost": 0.3})
+    assert priced.end_reason == "token_budget" and priced.reward_parts["formula"] == "visual_priced"
+    assert priced.reward == pytest.approx(0.8 * priced.reward_parts["acc"] - 0.3
+                                          - 0.2 * priced.reward_parts["format_error"])
 
 
 def test_plain_tasks_route_to_one_turn_env(policy, tasks) -> None:

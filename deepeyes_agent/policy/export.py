@@ -66,8 +66,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    done = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "DONE").exists()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    done = [p for p in folder.iterdir() if checkpoint_iteration(p) is not None and (p / "DONE").exists()]
+    return max(done, key=checkpoint_iteration, default=None)
 
 
 def checkpoint_iteration(checkpoint: Path) -> int | None:

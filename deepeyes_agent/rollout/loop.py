@@ -288,7 +288,8 @@ def _advance(episode: _Episode, generation: Generation, generate_s: float, visio
         episode.outcome = EpisodeOutcome(response_text=ctx.decode(ctx.token_ids[ctx.prompt_length:]),
                                          task=trajectory.task,
                                          n_image_observations=len(ctx.images) - trajectory.n_prompt_images,
-                                         call_cost=getattr(episode.env.unwrapped, "call_cost", None))
+                                         call_cost=episode.env.spec.kwargs.get("call_cost") if episode.env.spec
+                                         else None)
         episode.env.close()
     _sync(episode)
 

@@ -55,7 +55,9 @@ class LLMLearner(TorchLearner):
         super().build()
         # The tokens sampling never draws, from the tokenizer as the rollouts take them: logprobs agree only if
         # both sides leave out the same ones.
-        self.suppress_token_ids = VisionTokenizer(load_processor(run.model.path)).vision_token_ids
+        self._processor = load_processor(run.model.path, min_pixels=run.model.min_pixels,
+                                         max_pixels=run.model.max_pixels)
+        self.suppress_token_ids = VisionTokenizer(self._processor).vision_token_ids
         self.ref_model: torch.nn.Module | None = None
         self._sft_optimizer: torch.optim.Optimizer | None = None
         self._filler: PackedEpisode | None = None
@@ -167,9 +169,7 @@ class LLMLearner(TorchLearner):
         if not self.sharded:
             return micro_batches(episodes, run.algorithm.micro_batch_size)
         if self._filler is None:
-            processor = load_processor(run.model.path, min_pixels=run.model.min_pixels,
-                                       max_pixels=run.model.max_pixels)
-            self._filler = vision_filler(processor)
+            self._filler = vision_filler(self._processor)
         return lockstep_micro_batches(episodes, run.algorithm.micro_batch_size, self._filler, self.device)
 
     @property
