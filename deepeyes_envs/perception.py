@@ -11,9 +11,11 @@ Families (``PERCEPTION_FAMILIES``):
 * ``shape``: the kind of the one shape in the image (circle, square, triangle, diamond or star);
 * ``mark``: the colour of the plus sign among x marks, in a crop of a toy zoom image (``ZOOM_TASKS``) around its
   frame, as a zoom on the frame shows it: the crop a little off centre and of a drawn size (``MARK_CROP_*``), as
-  the policy's boxes will be, so the marks are big enough to read at the model's pixel budget;
-* ``locate``: where the black frame of a full-size toy zoom image is, placed anywhere, as ``[x1, y1, x2, y2]``
-  in pixels of the image the model sees (its ``seen_size``), which is how Qwen2.5-VL grounds. The marks there
+  the policy's boxes will be, so the marks are big enough to read at the model's pixel budget; a quarter of them
+  on a whole image drawn large enough to read as it is;
+* ``locate``: where the black frame of a full-size toy zoom image is, placed anywhere, answered as Qwen2.5-VL
+  grounds, ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the image the model sees (its ``seen_size``): the
+  very tokens of a zoom call's box, so that a policy can carry the skill into its calls. The marks there
   are too small to read, and no question here asks for them: no family is answered only through a zoom.
 
 A locate task's ``extra["frame_center"]`` is the frame's centre as fractions of the image: the eyes' position
@@ -23,6 +25,7 @@ objective (``deepeyes_agent.policy.pretrain``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -31,17 +34,20 @@ from .synthetic import COLORS, TOY_COLORS, Scene, Shape, SyntheticImage, ToyConf
 from .tasks import Task
 
 PERCEPTION_FAMILIES = ("color", "shape", "mark", "locate")
-MARK_SIDE = 13  # px: the marks of configs/zoom_cpu.yaml's tasks, readable in a zoom on the frame, not in the full view
-# The zoom runs' tasks: 224 px images, a 44 px frame placed anywhere (configs/zoom_anywhere_cpu.yaml; the default
-# configs/zoom_cpu.yaml keeps it at the centre), 13 px marks.
-ZOOM_TASKS = ToyConfig(kind="zoom", frame_layout="random", target_size=MARK_SIDE)
-# px, square: a zoom on the frame padded by a quarter is 66 px, 64 or 68 once rounded to seen px. Square, since a
-# crop with one side under 70.5 px and one over would be seen at 28x56 px (each side rounds to 56 or 84 first).
-MARK_CROP_SIDES = (64, 76)
-# px: how far the crop's centre may sit from the frame's, two seen px, so that a box a pixel or two off still reads
-# and RL's reward grows as a box nears the frame. The recipe-6 eyes read crops shifted by 0/4/8/12 px at
-# 0.84/0.86/0.84/0.80; trained on shifts of 2 px, at 0.91/0.77/0.50/0.42 (docs/training.md, "The base").
-MARK_CROP_SHIFT = 8
+MARK_SIDE = 13  # px: the marks of the zoom runs' tasks, readable in a zoom on the frame, not in the full view
+# The zoom runs' tasks (configs/zoom_cpu.yaml): 224 px images seen at 56 px, a 60 px frame (15 seen px) placed
+# anywhere, its 13 px marks 8 px inside the border, so that a zoom on the frame's own box (the box the locate
+# answer gives) reads every mark even when it is up to 12 px (3 seen px) off.
+ZOOM_TASKS = ToyConfig(kind="zoom", frame_layout="random", target_size=MARK_SIDE, frame_size=60, frame_margin=8)
+# px, square: a zoom on the frame's box, a seen pixel or two too small or too large; all are seen at 56 px. Square,
+# since a crop with one side under 70.5 px and one over would be seen at 28x56 px (each side rounds to 56 or 84).
+MARK_CROP_SIDES = (52, 70)
+# px: how far the crop's centre may sit from the frame's (three seen px, the frame's inner slack), so that a box a
+# little off still reads and RL's reward grows as a box nears the frame.
+MARK_CROP_SHIFT = 12
+# Of the mark questions, the share asked of a whole image whose frame and marks are drawn three times larger
+# (ToyConfig.readable_share): what a zoom is needless for (the "zoom only when needed" mix).
+MARK_READABLE_SHARE = 0.25
 SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "star")
 SeenSize = Callable[[int, int], tuple[int, int]]  # (width, height) of an image -> as the model sees it
 
@@ -82,16 +88,22 @@ def _locate_task(sub_seed: int, seed: int, index: int, seen_size: SeenSize, layo
     side = task.images[0].size[0]  # square toy images
     sw, sh = seen_size(side, side)
     box = [round(x1 * sw / side), round(y1 * sh / side), round(x2 * sw / side), round(y2 * sh / side)]
-    question = ("Where is the black frame? Answer with its bounding box [x1, y1, x2, y2] in pixels of the "
-                "image you see.")
+    question = ('Where is the black frame? Answer with its bounding box as {"bbox_2d": [x1, y1, x2, y2]} in '
+                "pixels of the image you see.")
     centre = ((x1 + x2) / 2 / side, (y1 + y2) / 2 / side)
-    return dataclasses.replace(_renamed(task, "locate", seed, index), question=question, answer=str(box),
+    return dataclasses.replace(_renamed(task, "locate", seed, index), question=question,
+                               answer=json.dumps({"bbox_2d": box}),
                                extra={"kind": "perception_locate", "seen_box": box, "layout": layout,
                                       "frame_center": centre})
 
 
 def _mark_task(rng: np.random.Generator, sub_seed: int, seed: int, index: int) -> Task:
-    """The marks question on a crop around the frame of a toy zoom image, the plus inside the crop."""
+    """The marks question on a crop around the frame of a toy zoom image, the plus inside the crop; or, for
+    ``MARK_READABLE_SHARE`` of them, on a whole toy zoom image drawn large enough to read without a zoom."""
+    if rng.random() < MARK_READABLE_SHARE:
+        task = _renamed(toy_task(sub_seed, index, dataclasses.replace(ZOOM_TASKS, readable_share=1.0)), "mark",
+                        seed, index)
+        return dataclasses.replace(task, gt_boxes=())
     task = toy_task(sub_seed, index, ZOOM_TASKS)
     scene = task.images[0].scene
     (fx1, fy1, fx2, fy2), = task.gt_boxes

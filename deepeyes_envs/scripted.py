@@ -67,19 +67,21 @@ def _thought(thought: str | None) -> str:
     return f"<think>{thought}</think>\n" if thought is not None else ""
 
 
-def scripted_turns(task: Task, reset_info: Mapping[str, Any], *, thoughts: bool = True) -> list[str]:
+def scripted_turns(task: Task, reset_info: Mapping[str, Any], *, thoughts: bool = True, margin: float = 0.25
+                   ) -> list[str]:
     """The turns that solve an episode of ``task``: one zoom per ground-truth box, then the answer.
 
     ``reset_info`` is what the env's ``reset`` returned for it: boxes are written in the coordinate frame the
     env reads (``coordinate_frame``, ``image_size``, ``seen_size``), so this works for every env flavour, and
     the zooms leave the last of ``max_turns`` for the answer. ``thoughts=False`` leaves out the ``<think>``
-    parts: fewer tokens for a tiny model to learn to write.
+    parts: fewer tokens for a tiny model to learn to write. Each box is grown by ``margin`` (``padded_box``); 0
+    zooms on the box itself, the numbers a base that locates already writes for it.
     """
     width, height = reset_info["image_size"]
     zoom, answer = (ZOOM_THOUGHT, ANSWER_THOUGHT) if thoughts else (None, None)
     turns = []
     for box in task.gt_boxes[: reset_info["max_turns"] - 1]:
-        turns.append(zoom_turn(box_in_frame(padded_box(box, width, height), reset_info), zoom))
+        turns.append(zoom_turn(box_in_frame(padded_box(box, width, height, margin), reset_info), zoom))
     turns.append(answer_turn(task.answer, answer))
     return turns
 

@@ -410,6 +410,9 @@ class ToyConfig:
     tokens covers one quadrant) where regressing free coordinates is out of its reach. ``"center"``: always
     the image centre, so the zoom box is the same for every task and only *whether* to zoom is learned.
 
+    ``frame_margin`` (zoom only) is blank space, in px, between the frame's border and its marks: the slack that
+    lets a zoom on the frame's own box read all the marks when the box is a few pixels off.
+
     ``readable_share`` (zoom only) of the tasks draw the frame and its marks three times larger, with strokes
     to match: the full view then shows them as a zoom on a small frame does, so a zoom is needless there.
     ``extra["needs_zoom"]`` says which kind a task is (the "zoom only when needed" mix, docs/training.md).
@@ -422,6 +425,7 @@ class ToyConfig:
     target_size: Optional[int] = None
     min_target: int = 4
     frame_size: int = 44
+    frame_margin: int = 0
     frame_layout: str = "random"
     readable_share: float = 0.0
     data_source: str = "synthetic_toy"
@@ -438,6 +442,8 @@ class ToyConfig:
             raise ValueError("difficulty must be within [0, 1]")
         if self.kind == "zoom" and self.size < self.frame_size + 8:
             raise ValueError("zoom toy images must be larger than the frame")
+        if not 0 <= self.frame_margin <= self.frame_size // 6:
+            raise ValueError(f"frame_margin must be within [0, frame_size // 6], got {self.frame_margin}")
         if self.frame_layout not in FRAME_LAYOUTS:
             raise ValueError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {self.frame_layout!r}")
         if self.frame_layout == "quadrants" and self.size < 2 * self.frame_size + 4:
@@ -470,7 +476,8 @@ def toy_task(seed: int, index: int = 0, config: ToyConfig = ToyConfig()) -> Task
     else:
         # Drawn only for a mix, so that the tasks of a config without one stay as they were.
         readable = bool(config.readable_share) and bool(rng.random() < config.readable_share)
-        drawn = dataclasses.replace(config, frame_size=READABLE_SCALE * config.frame_size, readable_share=0.0,
+        drawn = dataclasses.replace(config, frame_size=READABLE_SCALE * config.frame_size,
+                                    frame_margin=READABLE_SCALE * config.frame_margin, readable_share=0.0,
                                     target_size=READABLE_SCALE * config.target_side(), frame_layout="random"
                                     ) if readable else config
         shapes, gt, stem = _toy_zoom_layout(rng, drawn, answer)
@@ -519,7 +526,8 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
     else:
         frame = place_box(rng, cfg.size, cfg.size, f, f, margin=2)
     border = max(1, f // 14)
-    cell = (f - 2 * border) // 2
+    inset = border + cfg.frame_margin
+    cell = (f - 2 * inset) // 2
     side = max(3, min(cfg.target_side(), cell - 2))
     if side % 2 == 0:  # odd, so both strokes of each mark cross on a pixel
         side = side + 1 if side + 1 <= cell - 2 else side - 1
@@ -527,8 +535,8 @@ def _toy_zoom_layout(rng: np.random.Generator, cfg: ToyConfig, answer: str) -> t
     colors = [str(c) for c in rng.permutation(cfg.colors)]
     marks = []
     for slot, color in zip(slots, colors, strict=True):
-        x0 = frame[0] + border + (slot % 2) * cell
-        y0 = frame[1] + border + (slot // 2) * cell
+        x0 = frame[0] + inset + (slot % 2) * cell
+        y0 = frame[1] + inset + (slot // 2) * cell
         jx, jy = (int(rng.integers(1, max(2, cell - side))) for _ in range(2))
         box = (x0 + jx, y0 + jy, x0 + jx + side, y0 + jy + side)
         marks.append(Shape("plus" if color == answer else "xmark", box, COLORS[color]))

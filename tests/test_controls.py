@@ -48,6 +48,16 @@ def test_the_oracle_control_zooms_on_the_padded_ground_truth_first():
     env.close()
 
 
+def test_the_oracle_control_zooms_with_the_demonstrations_margin():
+    env = ControlledActions(gym.make("visual_toolbox", disable_env_checker=True, **ENV_KWARGS),
+                            Control("oracle_zoom", margin=0.0))
+    _, reset_info = env.reset(seed=0, options={"task": TASKS[1]})
+    _, _, _, _, info = env.step({"text": "<answer>red</answer>", "finish_reason": "stop"})
+    expected = [round(v) for v in box_in_frame(TASKS[1].gt_boxes[0], reset_info)]  # the frame's own box
+    assert info["tool_calls"][0]["arguments"]["bbox_2d"] == expected and info["tool_calls"][0]["iou"] > 0.8
+    env.close()
+
+
 def test_controls_refuse_what_they_cannot_play():
     with pytest.raises(ValueError, match="control kind"):
         Control("blindfold")

@@ -186,6 +186,22 @@ def test_toy_zoom_quadrant_layout_puts_the_frame_in_one_of_four_places():
         ToyConfig(kind="zoom", frame_layout="quadrants", size=80)
 
 
+def test_a_frame_margin_keeps_the_marks_clear_of_the_frame_s_border():
+    """The slack that lets a zoom on the frame's own box, a few pixels off, still hold every mark."""
+    cfg = ToyConfig(kind="zoom", target_size=13, frame_size=60, frame_margin=8)
+    for i in range(20):
+        task = toy_task(3, i, cfg)
+        x1, y1, x2, y2 = task.gt_boxes[0]
+        inset = 60 // 14 + 8
+        marks = [s.box for s in task.images[0].scene.shapes if s.kind in ("plus", "xmark")]
+        assert len(marks) == 4 and all(x1 + inset < m[0] and m[2] <= x2 - inset and y1 + inset < m[1]
+                                       and m[3] <= y2 - inset for m in marks)
+        image = task.load_images()[0]
+        assert np.all(image[int(y1), int(x1):int(x2)] == 0)  # the border is still on the box's edge
+    with pytest.raises(ValueError, match="frame_margin"):
+        ToyConfig(kind="zoom", frame_size=60, frame_margin=11)
+
+
 def test_toy_zoom_mix_draws_a_share_of_tasks_readable_in_the_full_view():
     plain = [toy_task(5, i, ToyConfig(kind="zoom")) for i in range(40)]
     mixed = [toy_task(5, i, ToyConfig(kind="zoom", readable_share=0.5)) for i in range(40)]

@@ -48,7 +48,7 @@ from deepeyes_envs.rewards import box_centre_inside, box_iou
 from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7
 DEFAULT_CACHE = Path("~/.cache/deepeyes/tiny-bases")
 Progress = Callable[[str], None]
 
@@ -328,8 +328,10 @@ def greedy_answer(model: torch.nn.Module, ctx: EpisodeContext, max_new_tokens: i
 
 
 def parse_box(text: str) -> list[int] | None:
-    """The first four whole numbers of an answer, as a box; None if it has fewer or they are not a box."""
-    numbers = [int(v) for v in re.findall(r"\d+", text)[:4]]
+    """The first four whole numbers inside the answer's first brackets, as a box; None if it has fewer or they are
+    not a box."""
+    listed = re.search(r"\[([^\[\]]*)\]", text)
+    numbers = [int(v) for v in re.findall(r"\d+", listed.group(1))[:4]] if listed else []
     return numbers if len(numbers) == 4 and numbers[0] < numbers[2] and numbers[1] < numbers[3] else None
 
 

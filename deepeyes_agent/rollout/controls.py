@@ -29,10 +29,12 @@ _BOX = re.compile(r'("bbox_2d"\s*:\s*)\[[^\]]*\]')
 
 @dataclass(frozen=True)
 class Control:
-    """One control: ``kind`` in ``CONTROL_KINDS``; ``box`` (for ``fixed_box``) in the frame the policy writes."""
+    """One control: ``kind`` in ``CONTROL_KINDS``; ``box`` (for ``fixed_box``) in the frame the policy writes;
+    ``margin`` (for ``oracle_zoom``) grows the true box as the demonstrations did (``sft.zoom_margin``)."""
 
     kind: str
     box: tuple[float, ...] | None = None
+    margin: float = 0.25
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROL_KINDS:
@@ -69,7 +71,7 @@ class ControlledActions(gym.Wrapper):
             if task is None or not task.gt_boxes:
                 raise ValueError("the oracle_zoom control needs a task with a ground-truth box: "
                                  "reset(options={'task': ...})")
-            self._oracle = scripted_turns(task, info, thoughts=False)[0]
+            self._oracle = scripted_turns(task, info, thoughts=False, margin=self.control.margin)[0]
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:

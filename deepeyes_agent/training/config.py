@@ -161,6 +161,9 @@ class SFTConfig(Section):
     zoom_fraction: float = setting(1.0, "With include_zoom: the seeded share of demonstrations that zoom; the rest "
                                         "answer directly (a low starting tool-call rate for RL to raise).",
                                    ge=0.0, le=1.0)
+    zoom_margin: float = setting(0.25, "How much a demonstration's zoom grows the ground-truth box on each side (a "
+                                       "share of its size; the oracle-zoom control zooms the same way). 0: the box "
+                                       "itself, the numbers a base that locates writes for it.", ge=0.0)
     thoughts: bool = setting(True, "Demonstrations think (<think>...</think>) before each action, as DeepEyes' format "
                                    "asks; false: the actions alone, fewer tokens for a tiny model to learn.")
 

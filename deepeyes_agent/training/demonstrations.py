@@ -20,7 +20,7 @@ DIRECT_THOUGHT = "I can see it."
 
 
 def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcessor, *, include_zoom: bool = True,
-                  max_total_tokens: int = 28672, thoughts: bool = True) -> EpisodeContext:
+                  max_total_tokens: int = 28672, thoughts: bool = True, zoom_margin: float = 0.25) -> EpisodeContext:
     """A scripted agent's episode on ``task`` as a token context (loss mask 1 on its turns, logprobs 0).
 
     The env is the one a rollout would play (``env.env_id``, or the one the task's ``env_name`` routes to, in
@@ -35,7 +35,7 @@ def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcesso
         ctx = EpisodeContext(processor, obs["messages"], max_total_tokens=max_total_tokens, max_prompt_tokens=None,
                              vision=vision)
         if include_zoom:
-            turns = scripted_turns(task, info, thoughts=thoughts)
+            turns = scripted_turns(task, info, thoughts=thoughts, margin=zoom_margin)
         else:
             turns = [answer_turn(task.answer, DIRECT_THOUGHT if thoughts else None)]
         for text in turns:
@@ -50,7 +50,7 @@ def demonstration(task: Task, env_cfg: EnvConfig, processor: QwenVLImageProcesso
 
 def demonstrations(tasks: Sequence[Task], env_cfg: EnvConfig, processor: QwenVLImageProcessor, *,
                    include_zoom: bool = True, max_total_tokens: int = 28672, zoom_fraction: float = 1.0,
-                   seed: int = 0, thoughts: bool = True) -> list[EpisodeContext]:
+                   seed: int = 0, thoughts: bool = True, zoom_margin: float = 0.25) -> list[EpisodeContext]:
     """Demonstrations of ``tasks``. With ``include_zoom``, a seeded ``zoom_fraction`` of them zoom then answer
     and the rest answer directly (a mix that leaves RL a low starting tool-call rate to raise)."""
     if not 0.0 <= zoom_fraction <= 1.0:
@@ -58,4 +58,4 @@ def demonstrations(tasks: Sequence[Task], env_cfg: EnvConfig, processor: QwenVLI
     n_zoom = round(zoom_fraction * len(tasks)) if include_zoom else 0
     zooms = set(np.random.default_rng([seed, 23]).permutation(len(tasks))[:n_zoom].tolist())
     return [demonstration(t, env_cfg, processor, include_zoom=i in zooms, max_total_tokens=max_total_tokens,
-                          thoughts=thoughts) for i, t in enumerate(tasks)]
+                          thoughts=thoughts, zoom_margin=zoom_margin) for i, t in enumerate(tasks)]

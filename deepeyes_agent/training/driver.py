@@ -174,7 +174,7 @@ def _run(cfg: TrainConfig, echo: Any) -> dict[str, Any]:
         if algo.bad_rows:  # held-out rows too
             write_skipped_rows(algo.bad_rows, run_dir)
         final = export_final(run_dir, echo)
-        from deepeyes_agent.training.run_log import read_metrics
+        from deepeyes_agent.run_records import read_metrics
 
         evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
         return {"run_dir": str(run_dir), "first_eval": evals[0] if evals else {},
@@ -236,7 +236,7 @@ def _zoom_controls(algo: Any, cfg: TrainConfig, log: RunLog, echo: Any) -> None:
     if algo.last_eval_top_box is None:  # a resumed finished run: find the policy's boxes again
         algo.evaluate_heldout()
     common = algo.last_eval_top_box
-    controls = {"oracle_zoom": Control("oracle_zoom")}
+    controls = {"oracle_zoom": Control("oracle_zoom", margin=cfg.sft.zoom_margin)}
     if common is not None:
         side = ((common[2] - common[0]) + (common[3] - common[1])) / 2
         seen = _seen_size_of_first_eval_image(cfg)

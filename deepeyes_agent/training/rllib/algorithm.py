@@ -425,7 +425,8 @@ class DeepEyesAlgorithm(Algorithm):
         picks = rng.choice(len(source), size=min(run.sft.n_demos, len(source)), replace=False)
         contexts = demonstrations([source[int(i)] for i in picks], run.env, processor,
                                   include_zoom=run.sft.include_zoom, max_total_tokens=run.rollout.max_total_tokens,
-                                  zoom_fraction=run.sft.zoom_fraction, seed=run.seed, thoughts=run.sft.thoughts)
+                                  zoom_fraction=run.sft.zoom_fraction, seed=run.seed, thoughts=run.sft.thoughts,
+                                  zoom_margin=run.sft.zoom_margin)
         demos = [PackedEpisode.from_context(c) for c in contexts]
         n_learners = max(1, self.config.num_learners)
         history = []
