@@ -223,7 +223,7 @@ def test_exported_logprobs_equal_the_learners_on_a_heldout_episode(ppo_run, tmp_
 @pytest.mark.slow
 def test_evaluate_takes_a_run_a_checkpoint_and_an_export_alike(ppo_run, tmp_path, capsys):
     from deepeyes_agent.offline.evaluate import main as evaluate_main
-    from deepeyes_agent.training.run_log import read_metrics
+    from deepeyes_agent.run_records import read_metrics
 
     _, run_dir, final, _ = ppo_run
     common = ["--benchmark", "heldout", "--benchmark", "synthetic:2,kind=toy_zoom,frame_layout=random,seed=5",

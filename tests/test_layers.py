@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module may import its own layer and those listed before it.
-LAYERS = ("deepeyes_envs", "deepeyes_agent.settings", "deepeyes_agent.policy", "deepeyes_agent.rollout",
+LAYERS = ("deepeyes_envs", "deepeyes_agent.settings", "deepeyes_agent.run_records", "deepeyes_agent.policy", "deepeyes_agent.rollout",
           "deepeyes_agent.training", "deepeyes_agent.offline")
 ENV_FORBIDDEN = ("torch", "transformers", "ray", "deepeyes_agent")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pickle
 import shutil
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+from deepeyes_agent.run_records import METRICS_FILE, metric_cell, read_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +84,7 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or ((path / "config.yaml").is_file() and (path / "metrics.jsonl").exists())
+    return (path / "checkpoints").is_dir() or ((path / "config.yaml").is_file() and (path / METRICS_FILE).exists())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,7 @@ def export_policy(source: str | os.PathLike, out: str | os.PathLike, *, base: st
         model.save_pretrained(tmp)
         _copy_processor(base_dir, tmp, model_cfg.get("min_pixels"), model_cfg.get("max_pixels"))
         iteration = checkpoint_iteration(src.checkpoint)
-        records = _metrics(src.run_dir)
+        records = read_metrics(src.run_dir) if src.run_dir is not None else []
         info = _info(src, base_dir, iteration, dropped, run_config)
         geometry = image_geometry(tmp)
         if geometry:
@@ -308,13 +309,6 @@ def _copy_processor(base: Path, out: Path, min_pixels: int | None, max_pixels: i
             cfg["max_pixels"] = size["longest_edge"] = int(max_pixels)
         cfg["size"] = size
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _metrics(run_dir: Path | None) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl" if run_dir is not None else None
-    if path is None or not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,12 +400,8 @@ def heldout_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     lines = ["| iteration | " + " | ".join(h for _, h in CARD_COLUMNS) + " |", "|---|" + "---|" * len(CARD_COLUMNS)]
     for label, record in rows:
-        lines.append(f"| {label} | " + " | ".join(_cell(record.get(k)) for k, _ in CARD_COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(metric_cell(record.get(k)) for k, _ in CARD_COLUMNS) + " |")
     return lines
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
 def model_card(info: Mapping[str, Any], records: Sequence[Mapping[str, Any]], n_parameters: int) -> str:

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from deepeyes_agent.run_records import METRICS_FILE
+
 LINE_KEYS = (("reward", "reward {:+.3f}"), ("acc", "acc {:.2f}"), ("tool_call_rate", "tool {:.2f}"),
              ("format_error", "fmt-err {:.2f}"), ("response_length", "len {:.0f}"), ("entropy", "H {:.2f}"),
              ("grad_norm", "|g| {:.2f}"), ("eval/acc", "eval-acc {:.2f}"), ("eval/tool_call_rate", "eval-tool {:.2f}"),
@@ -42,7 +44,7 @@ class RunLog:
     """Appends one JSON record per event to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_iteration: int | None = None) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_iteration is not None:
             self.truncate_after(resume_iteration)
@@ -77,11 +79,3 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

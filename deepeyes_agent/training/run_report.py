@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deepeyes_agent.training.run_log import read_metrics
+from deepeyes_agent.run_records import metric_cell, read_metrics
 
 Line = tuple[str, str, str]  # (which run: "run" or "control", record kind, metric)
 PLOTS: tuple[tuple[str, str, list[Line]], ...] = (
@@ -102,7 +102,7 @@ def _headline(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["## Held-out evaluation", "", "| | iteration | " + " | ".join(h for _, h in HEADLINE) + " |",
              "|---|---|" + "---|" * len(HEADLINE)]
     for label, record in rows:
-        cells = [_cell(record.get(key)) for key, _ in HEADLINE]
+        cells = [metric_cell(record.get(key)) for key, _ in HEADLINE]
         lines.append(f"| {label} | {record['iteration']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -116,7 +116,7 @@ def _when_needed(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = ["| held out | iteration | tool-call rate, zoom needed | accuracy, zoom needed | "
              "tool-call rate, zoom needless | accuracy, zoom needless |", "|---|---|---|---|---|---|"]
     for label, r in (("start", evals[0]), ("end", evals[-1])):
-        cells = [_cell(r.get(k)) for k in ("tool_call_rate_needed", "acc_needed", "tool_call_rate_needless",
+        cells = [metric_cell(r.get(k)) for k in ("tool_call_rate_needed", "acc_needed", "tool_call_rate_needless",
                                            "acc_needless")]
         lines.append(f"| {label} | {r['iteration']} | " + " | ".join(cells) + " |")
     return ["Zoom only when needed:", "", *lines, ""]
@@ -132,15 +132,11 @@ def _grounding_under_rl(train: list[dict[str, Any]]) -> list[str]:
     if len(train) < 2 * EDGE or not any(isinstance(r.get("iou"), (int, float)) for r in train):
         return []
     first, last = train[:EDGE], train[-EDGE:]
-    changes = ", ".join(f"{label} {_cell(mean(first, key))} -> {_cell(mean(last, key))}" for key, label in
+    changes = ", ".join(f"{label} {metric_cell(mean(first, key))} -> {metric_cell(mean(last, key))}" for key, label in
                         (("iou", "zoom IoU"), ("box_centre_hit", "box centre in the target"),
                          ("tool_call_rate", "tool-call rate")))
     return [f"In the sampled training batches, iterations {first[0]['iteration']}-{first[-1]['iteration']} against "
             f"{last[0]['iteration']}-{last[-1]['iteration']}: {changes} ('-': no zoom).", ""]
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
 def _plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
