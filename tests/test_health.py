@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from deepeyes_agent.rollout.metrics import batch_metrics
-from deepeyes_agent.training.health import CollapseAlarm, informative_groups, without_over_turn
+from deepeyes_agent.training.health import CollapseAlarm, informative_groups, trainable_episodes, without_over_turn
 
 
 @dataclass
@@ -32,6 +32,16 @@ def test_over_turn_episodes_leave_the_batch():
     episodes = [Episode(0.0, 0, {"over_turn": 1.0}), Episode(2.0, 0, {"over_turn": 0.0}), Episode(0.8, 1)]
     kept, masked = without_over_turn(episodes)
     assert kept == episodes[1:] and masked == 1
+
+
+def test_the_one_filter_masks_over_turn_episodes_before_it_judges_the_groups():
+    episodes = [Episode(0.0, 0, {"over_turn": 1.0}), Episode(1.0, 0), Episode(1.0, 0),  # equal once masked
+                Episode(0.0, 1), Episode(1.0, 1)]
+    kept, counts = trainable_episodes(episodes, mask_over_turn=True, dynamic_sampling=True)
+    assert kept == episodes[3:] and counts == {"health/over_turn_masked": 1.0, "health/dropped_groups": 1.0}
+    kept, counts = trainable_episodes(episodes, mask_over_turn=False, dynamic_sampling=True)
+    assert kept == episodes and counts == {"health/dropped_groups": 0.0}
+    assert trainable_episodes(episodes, mask_over_turn=False, dynamic_sampling=False) == (episodes, {})
 
 
 def test_collapse_alarm_fires_after_patience_low_iterations_and_resets():

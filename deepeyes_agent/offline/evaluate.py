@@ -39,6 +39,7 @@ from deepeyes_agent.offline.reporting import bar_png, histogram_png, md_table, p
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.metrics import episode_metrics
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import save_trajectories
 from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.judges import Judge, JudgeRequest, LLMJudge, Verdict, match_rules, option_letter
@@ -136,7 +137,7 @@ def evaluate_benchmark(bench: Benchmark, runner: Runner, config: EvalConfig, out
         chunk_tasks = [tasks[i] for i in items]
         trajs = runner.play(chunk_tasks, n_per_task=config.k, sampling=config.sampling(), env_id=config.env,
                             env_kwargs={**config.env_kwargs, "max_turns": config.max_turns}, judge=judge,
-                            seed=(config.seed * 1_000_003 + chunk) % 2**31)
+                            seed=derive_seed(config.seed, chunk))
         rel = f"{bench.name}/trajectories/chunk-{chunk:05d}"
         save_trajectories(trajs, out_dir / rel)
         groups = trajs.groups()

@@ -38,6 +38,7 @@ from deepeyes_agent.offline.chunk_log import ChunkLog
 from deepeyes_agent.offline.reporting import histogram_png, md_table
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.settings import Section, setting
 from deepeyes_envs.datasets import load_deepeyes_parquet
 from deepeyes_envs.images import ImageError, LazyImage, to_rgb_array
@@ -161,7 +162,7 @@ def without_tools(task: Task) -> Task:
 
 def chunk_seed(seed: int, chunk: int, phase: int) -> int:
     """Seeds of one chunk's rollouts (phase 0 with tools, 1 without), independent of any other chunk."""
-    return (seed * 1_000_003 + chunk * 2 + phase) % (2**31)
+    return derive_seed(seed, chunk, phase)
 
 
 def measure(source: TaskSource, runner: Runner, config: SelectionConfig, log: ChunkLog, *,

@@ -29,6 +29,7 @@ from PIL import Image
 import deepeyes_envs  # noqa: F401 - registers the envs
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.loop import end_trajectory, judge_trajectories, open_episode, step_turn
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch
 from deepeyes_envs.http import LoopThread, RetryPolicy, async_openai_client, is_retryable
 from deepeyes_envs.judges import JudgeSpec
@@ -201,7 +202,7 @@ async def _play_one(task: Task, group: int, k: int, policy: EndpointPolicy, samp
         for turn_index in range(10_000):  # the env's max_turns ends the loop
             t0 = time.perf_counter()
             try:
-                text, finish = await policy.complete(conversation, sampling, seed=reset_seed * 1009 + turn_index)
+                text, finish = await policy.complete(conversation, sampling, seed=derive_seed(reset_seed, turn_index))
             except APIStatusError as exc:
                 if is_retryable(exc):
                     raise

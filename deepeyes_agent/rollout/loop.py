@@ -39,6 +39,7 @@ from deepeyes_agent.policy.chat import (
 )
 from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
 from deepeyes_envs.judges import JudgeSpec, make_judge
 from deepeyes_envs.messages import message_images
@@ -155,7 +156,7 @@ def _play(envs: list[gym.Env], plan: list[tuple], engine: Engine, vision: Vision
 def _turn_params(sampling: SamplingParams, seed: int, turn: int) -> SamplingParams:
     """Per-turn sampling seed derived from the run seed, so a run is reproducible turn by turn."""
     base = sampling.seed if sampling.seed is not None else seed
-    return dataclasses.replace(sampling, seed=base * 1009 + turn)
+    return dataclasses.replace(sampling, seed=derive_seed(base, turn))
 
 
 def open_episode(env: gym.Env, task: Task, *, group: int, k: int, name: str, reset_seed: int,

@@ -44,6 +44,22 @@ def without_over_turn(episodes: Sequence[Scored]) -> tuple[list[Scored], int]:
     return kept, len(episodes) - len(kept)
 
 
+def trainable_episodes(episodes: Sequence[Scored], *, mask_over_turn: bool, dynamic_sampling: bool
+                       ) -> tuple[list[Scored], dict[str, float]]:
+    """The episodes a batch learns from, and what was left out under its ``health/`` metric name: the one filter of
+    the synchronous and the asynchronous sampler. Over-turn episodes go first, so a group is judged informative
+    on the episodes that are kept."""
+    counts: dict[str, float] = {}
+    kept = list(episodes)
+    if mask_over_turn:
+        kept, masked = without_over_turn(kept)
+        counts["health/over_turn_masked"] = float(masked)
+    if dynamic_sampling:
+        kept, dropped = informative_groups(kept)
+        counts["health/dropped_groups"] = float(dropped)
+    return kept, counts
+
+
 class CollapseAlarm:
     """Fires when the tool-call rate stays below ``share`` of its running maximum for ``patience`` iterations.
 

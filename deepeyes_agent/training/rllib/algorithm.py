@@ -34,10 +34,11 @@ from ray.util.debug import log_once
 
 from deepeyes_agent.rollout.controls import Control
 from deepeyes_agent.rollout.metrics import batch_metrics, most_common_box
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
 from deepeyes_agent.training.config import TrainConfig
 from deepeyes_agent.training.demonstrations import demonstrations
-from deepeyes_agent.training.health import CollapseAlarm, informative_groups, without_over_turn
+from deepeyes_agent.training.health import CollapseAlarm, trainable_episodes
 from deepeyes_agent.training.losses import token_count
 from deepeyes_agent.training.masked import masked_var
 from deepeyes_agent.training.rllib.async_sampling import DEPTH, AsyncSampler
@@ -198,7 +199,7 @@ class DeepEyesAlgorithm(Algorithm):
         shares = split_even(list(task_indices), len(ids))
         calls, offset = [], group_base
         for k, share in enumerate(shares):
-            calls.append({**kwargs, "task_indices": share, "seed": seed + 7919 * k, "group_offset": offset,
+            calls.append({**kwargs, "task_indices": share, "seed": derive_seed(seed, k), "group_offset": offset,
                           "keep": keep if k == 0 else 0})
             offset += len(share)
         used = [i for i, share in zip(ids, shares, strict=True) if share]
@@ -264,16 +265,15 @@ class DeepEyesAlgorithm(Algorithm):
             indices = self.schedule.take(wanted - have)
             mix += indices
             batch = self.sample_episodes(indices, n_per_task=run.rollout.rollouts_per_prompt,
-                                         seed=run.seed * 1_000_003 + iteration * 101 + rounds * 7919,
+                                         seed=derive_seed(run.seed, iteration, rounds),
                                          keep=keep if rounds == 0 else 0, group_base=rounds * wanted)
             results += batch
             episodes = [e for r in batch for e in r.episodes]
-            if algo.mask_over_turn:
-                episodes, masked = without_over_turn(episodes)
-                stats["health/over_turn_masked"] = stats.get("health/over_turn_masked", 0.0) + masked
+            episodes, counts = trainable_episodes(episodes, mask_over_turn=algo.mask_over_turn,
+                                                  dynamic_sampling=algo.dynamic_sampling)
+            for key, value in counts.items():
+                stats[key] = stats.get(key, 0.0) + value
             if algo.dynamic_sampling:
-                episodes, dropped = informative_groups(episodes)
-                stats["health/dropped_groups"] = stats.get("health/dropped_groups", 0.0) + dropped
                 stats["health/sample_rounds"] = float(rounds + 1)
             kept += episodes
         if isinstance(self.schedule, MixedSchedule):

@@ -27,8 +27,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.training.batch import PackedEpisode, split_even
-from deepeyes_agent.training.health import informative_groups, without_over_turn
+from deepeyes_agent.training.health import trainable_episodes
 from deepeyes_agent.training.rllib.env_runner import RunnerBatch
 from deepeyes_agent.training.tasks import MixedSchedule
 
@@ -138,7 +139,7 @@ class AsyncSampler:
         run = self.algo.config.deepeyes
         if iteration != self.target_iteration:
             self.target_iteration, self.chunk_index = iteration, 0
-        seed = run.seed * 1_000_003 + iteration * 101 + 7919 * self.chunk_index
+        seed = derive_seed(derive_seed(run.seed, iteration, 0), self.chunk_index)
         keep = self.algo.trajectories_to_keep(iteration) if self.chunk_index == 0 else 0
         chunk = Chunk(tasks=tasks, group_base=self.next_group)
         self.chunk_index += 1
@@ -170,13 +171,10 @@ class AsyncSampler:
             chunk = self.in_flight[runner].pop(0)  # a runner plays its chunks in the order they were sent
             if not self.in_flight[runner]:
                 del self.in_flight[runner]
-            episodes = batch.episodes
-            if run.algorithm.mask_over_turn:
-                episodes, masked = without_over_turn(episodes)
-                self.count("health/over_turn_masked", masked)
-            if run.algorithm.dynamic_sampling:
-                episodes, dropped = informative_groups(episodes)
-                self.count("health/dropped_groups", dropped)
+            episodes, counts = trainable_episodes(batch.episodes, mask_over_turn=run.algorithm.mask_over_turn,
+                                                  dynamic_sampling=run.algorithm.dynamic_sampling)
+            for key, value in counts.items():
+                self.count(key, value)
             self.count("data/skipped_rows", self.algo.record_bad_rows([batch], chunk.tasks))
             groups = list(dict.fromkeys(e.group_id for e in episodes))
             self.arrived.append(Arrived(dataclasses.replace(batch, episodes=episodes), chunk, groups))
