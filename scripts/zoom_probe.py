@@ -1,9 +1,9 @@
 """Is zooming necessary and sufficient for the zoom run's tasks? The evidence, measured on the pretrained base.
 
-The zoom runs (configs/zoom_cpu.yaml, and configs/zoom_anywhere_cpu.yaml whose frame this probe places anywhere)
-ask for the colour of the plus sign among x marks in a black frame in a 224 px image, at a pixel budget of 56x56
-px per image. This probe shows that the answer cannot be read from the whole image and can be from the env's
-zoom on the frame, three ways, each on held-out tasks of the run's own family:
+The zoom run (configs/zoom_cpu.yaml) asks for the colour of the plus sign among x marks in a black frame placed
+anywhere in a 224 px image, at a pixel budget of 56x56 px per image. This probe shows that the answer cannot be
+read from the whole image and can be from the env's zoom on the frame, three ways, each on held-out tasks of the
+run's own family:
 
 - **the base's answer**: the pretrained base, asked the question as a plain perception question about one view;
 - **frozen eyes + linear head**: a linear classifier on the mean of the view's visual tokens, the tower frozen
@@ -37,14 +37,14 @@ from deepeyes_envs.synthetic import TOY_COLORS, toy_task
 
 
 def views(n: int, seed: int, zoomed: bool) -> list[tuple[np.ndarray, str]]:
-    """The run's tasks (the frame anywhere, 13 px marks) as (image, answer): whole, or cropped where the scripted
-    zoom crops (the frame padded by a quarter, as the cold start's demonstrations zoom)."""
+    """The run's tasks (the frame anywhere, 13 px marks) as (image, answer): whole, or cropped where the cold
+    start's demonstrations zoom (the frame's own box, ``sft.zoom_margin: 0``)."""
     out = []
     for i in range(n):
         task = toy_task(seed, i, ZOOM_TASKS)
         image = task.load_images()[0]
         if zoomed:
-            x1, y1, x2, y2 = (round(v) for v in padded_box(task.gt_boxes[0], image.shape[1], image.shape[0]))
+            x1, y1, x2, y2 = (round(v) for v in padded_box(task.gt_boxes[0], image.shape[1], image.shape[0], 0.0))
             image = np.ascontiguousarray(image[y1:y2, x1:x2])
         out.append((image, task.answer))
     return out

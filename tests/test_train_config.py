@@ -84,7 +84,7 @@ def test_unknown_key_in_a_file_is_an_error(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu", "zoom_cpu", "zoom_anywhere_cpu", "zoom_when_needed_cpu", "deepeyes_7b"])
+@pytest.mark.parametrize("name", ["tiny_cpu", "zoom_cpu", "zoom_when_needed_cpu", "deepeyes_7b"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)

@@ -117,11 +117,12 @@ def train(cfg: TrainConfig, address: str | None = None, echo: Any = print) -> di
             control = _run(variant, lambda line: echo(f"[no tool] {line}"))
             result["control"] = control
         if cfg.logging.report:
-            from deepeyes_agent.training.run_report import write_report
+            from deepeyes_agent.training.run_report import headline_table, write_report
 
-            result["report"] = str(write_report(result["run_dir"], cfg.to_dict(),
-                                                control_dir=control["run_dir"] if control else None))
+            control_dir = control["run_dir"] if control else None
+            result["report"] = str(write_report(result["run_dir"], cfg.to_dict(), control_dir=control_dir))
             echo(f"report: {result['report']}")
+            echo("held-out evaluation (greedy):\n" + headline_table(result["run_dir"], control_dir))
         return result
     finally:
         if started_ray:

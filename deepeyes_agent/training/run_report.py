@@ -88,6 +88,12 @@ def write_report(run_dir: str | Path, config: dict[str, Any] | None = None,
     return path
 
 
+def headline_table(run_dir: str | Path, control_dir: str | Path | None = None) -> str:
+    """The report's held-out table (start, end, the controls) as markdown, for the end of ``train.py``'s output."""
+    runs = {"run": read_metrics(run_dir), "control": read_metrics(control_dir) if control_dir else []}
+    return "\n".join(_headline(runs)[2:]).rstrip()
+
+
 def _headline(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Held-out numbers at the first and last evaluation, and the control's last, as a table."""
     evals = [r for r in runs["run"] if r.get("kind") == "eval"]
@@ -131,10 +137,11 @@ def _grounding_under_rl(train: list[dict[str, Any]]) -> list[str]:
 
     if len(train) < 2 * EDGE or not any(isinstance(r.get("iou"), (int, float)) for r in train):
         return []
-    first, last = train[:EDGE], train[-EDGE:]
+    edge = max(EDGE, len(train) // 6)  # a sixth of the run a side: three sampled batches alone are noisy
+    first, last = train[:edge], train[-edge:]
     changes = ", ".join(f"{label} {metric_cell(mean(first, key))} -> {metric_cell(mean(last, key))}" for key, label in
                         (("iou", "zoom IoU"), ("box_centre_hit", "box centre in the target"),
-                         ("tool_call_rate", "tool-call rate")))
+                         ("acc_with_tool", "accuracy when it zoomed"), ("tool_call_rate", "tool-call rate")))
     return [f"In the sampled training batches, iterations {first[0]['iteration']}-{first[-1]['iteration']} against "
             f"{last[0]['iteration']}-{last[-1]['iteration']}: {changes} ('-': no zoom).", ""]
 
