@@ -35,12 +35,12 @@ from ray.util.debug import log_once
 from deepeyes_agent.rollout.controls import Control
 from deepeyes_agent.rollout.metrics import batch_metrics, most_common_box
 from deepeyes_agent.rollout.seeding import derive_seed
-from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, padded, padded_loss_mask, split_even
+from deepeyes_agent.training.batch import PackedEpisode, assign_advantages, split_even
 from deepeyes_agent.training.config import TrainConfig
 from deepeyes_agent.training.demonstrations import demonstrations
 from deepeyes_agent.training.health import CollapseAlarm, trainable_episodes
+from deepeyes_agent.training.iteration_metrics import iteration_metrics
 from deepeyes_agent.training.losses import token_count
-from deepeyes_agent.training.masked import masked_var
 from deepeyes_agent.training.rllib.async_sampling import DEPTH, AsyncSampler
 from deepeyes_agent.training.rllib.env_runner import LLMEnvRunner, RunnerBatch
 from deepeyes_agent.training.rllib.learner import LLMLearner
@@ -107,16 +107,6 @@ class DeepEyesConfig(AlgorithmConfig):
     @classmethod
     def from_run_config(cls, run: TrainConfig) -> DeepEyesConfig:
         return cls().run_config(run)
-
-
-def explained_variance(episodes: Sequence[PackedEpisode]) -> float:
-    """PPO: 1 - Var(returns - values) / Var(returns) over generated tokens (1: perfect critic, <= 0: useless)."""
-    mask = padded_loss_mask(episodes)
-    returns = padded(episodes, "returns")
-    var_returns = float(masked_var(returns, mask))
-    if var_returns == 0.0:
-        return float("nan")
-    return 1.0 - float(masked_var(returns - padded(episodes, "values"), mask)) / var_returns
 
 
 def learner_results(results: Any) -> list[Any]:
@@ -310,86 +300,50 @@ class DeepEyesAlgorithm(Algorithm):
 
     # ------------------------------------------------------------------ one iteration
     def training_step(self) -> None:
+        """One iteration: collect a batch (from the asynchronous sampler, or synchronously), learn from the episodes
+        kept, then record what it played and learned (``training.iteration_metrics``)."""
         run = self.config.deepeyes
         iteration = self.iteration  # completed iterations so far
-        timings: dict[str, float] = {}
-
         start = time.perf_counter()
         if self.sampler is not None:
             episodes, results, batch_stats = self.sampler.collect(iteration)
         else:
             episodes, results, batch_stats = self.collect_batch(iteration, self.trajectories_to_keep(iteration))
-        timings["rollout_s"] = time.perf_counter() - start
+        timings = {"rollout_s": time.perf_counter() - start}
         staleness = [self.policy_version - e.weight_version for e in episodes]
-        timings["judge_s"] = max((r.timings.get("judge_s", 0.0) for r in results), default=0.0)
-        timings["generate_s"] = max((r.timings.get("generate_s", 0.0) for r in results), default=0.0)
         played = [e for r in results for e in r.episodes]
         if not played:
             raise RuntimeError("no episodes came back from the env runners")
-
         lr = self.current_lr()
-        ppo = run.algorithm.advantage == "gae"
-        stats: dict[str, float] = {}
-        if episodes:  # else every group was dropped or masked: nothing to learn from this time
-            start = time.perf_counter()
-            if ppo:
-                self.attach_old_values(episodes)
-                timings["values_s"] = time.perf_counter() - start
-            assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
-                              gamma=run.algorithm.gamma, lam=run.algorithm.lam)
-            start = time.perf_counter()
-            stats = self.update_policy(episodes, lr)
-            self.policy_version += 1
-            timings["update_s"] = time.perf_counter() - start
-            if self.sampler is None:  # else the sampler gives runners new weights when they are idle
-                timings["weight_sync_s"] = self.sync_policy_weights()
-
-        tokens = max(1.0, stats.get("tokens", 0.0))
-        all_tokens = float(sum(len(e) for e in episodes))
-        metrics: dict[str, Any] = {
-            **batch_metrics([e.metrics for e in played]),  # what the policy did, before any episode was left out
-            **batch_stats,
-            "episodes": float(len(episodes)),
-            "pg_loss": stats.get("pg_loss", 0.0) / tokens,
-            "entropy": stats.get("entropy_sum", 0.0) / tokens,
-            "clip_fraction": stats.get("clip_fraction_sum", 0.0) / tokens,
-            "approx_kl": stats.get("approx_kl_sum", 0.0) / tokens,
-            "logprob_gap_mean": stats.get("logprob_gap_sum", 0.0) / max(1.0, stats.get("logprob_gap_tokens", 0.0)),
-            "logprob_gap_max": stats.get("logprob_gap_max", 0.0),
-            "kl": stats.get("kl_sum", 0.0) / tokens if "kl_sum" in stats else 0.0,
-            "grad_norm": stats.get("grad_norm", 0.0),
-            "lr": lr,
-            "learner_tokens_per_s": all_tokens * run.algorithm.epochs / max(timings.get("update_s", 0.0), 1e-9),
-            "rollout_tokens_per_s": sum(r.timings.get("generated_tokens", 0.0) for r in results)
-            / max(timings["rollout_s"], 1e-9),
-            "env_runners": float(len(results)),
-            "env_runner_restarts": float(self.restored_env_runners),
-            "async/staleness_mean": float(np.mean(staleness)) if staleness else 0.0,
-            "async/staleness_max": float(max(staleness, default=0)),
-            "async/is_weight_mean": stats.get("is_weight_sum", 0.0) / max(1.0, stats.get("stale_tokens", 0.0)),
-            "async/is_truncated_fraction": stats.get("is_truncated", 0.0) / max(1.0, stats.get("stale_tokens", 0.0)),
-            **{f"time/{k}": v for k, v in timings.items()},
-        }
+        update_stats = self.learn(episodes, lr, timings) if episodes else {}  # else all were dropped or masked
+        metrics = iteration_metrics(played=played, learned=episodes, results=results, batch_stats=batch_stats,
+                                    update_stats=update_stats, timings=timings, staleness=staleness, lr=lr,
+                                    epochs=run.algorithm.epochs, env_runner_restarts=self.restored_env_runners,
+                                    critic=run.algorithm.advantage == "gae")
         if run.logging.collapse_patience:
             metrics["health/tool_collapse"] = float(self.collapse_alarm.update(metrics["tool_call_rate"]))
-        if ppo and episodes:
-            metrics.update({
-                "value_loss": stats.get("value_loss", 0.0) / tokens,
-                "vf_clip_fraction": stats.get("vf_clip_fraction_sum", 0.0) / tokens,
-                "value_mean": stats.get("value_sum", 0.0) / tokens,
-                "explained_variance": explained_variance(episodes),
-            })
-        judge_stats: dict[str, float] = {}
-        for r in results:
-            for k, v in r.judge_stats.items():
-                if isinstance(v, (int, float)):
-                    judge_stats[f"judge/{k}"] = judge_stats.get(f"judge/{k}", 0.0) + float(v)
-        metrics.update(judge_stats)
-        metrics["env_runner_nodes"] = sorted({r.node_id for r in results})
-        metrics["env_runner_pids"] = sorted({r.pid for r in results})
         self.last_samples = [s for r in results for s in r.samples]
         self.last_metrics = metrics
         self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
+
+    def learn(self, episodes: list[PackedEpisode], lr: float, timings: dict[str, float]) -> dict[str, float]:
+        """Advantages (after the critic's values, for PPO), one policy update, and the weights to the env runners
+        (unless the asynchronous sampler hands them out when a runner is idle); adds each part's seconds to
+        ``timings``; returns the learners' summed statistics."""
+        run = self.config.deepeyes
+        if run.algorithm.advantage == "gae":
+            start = time.perf_counter()
+            self.attach_old_values(episodes)
+            timings["values_s"] = time.perf_counter() - start
+        assign_advantages(episodes, run.algorithm.advantage, norm_by_std=run.algorithm.norm_by_std,
+                          gamma=run.algorithm.gamma, lam=run.algorithm.lam)
+        start = time.perf_counter()
+        stats = self.update_policy(episodes, lr)
+        self.policy_version += 1
+        timings["update_s"] = time.perf_counter() - start
+        if self.sampler is None:
+            timings["weight_sync_s"] = self.sync_policy_weights()
+        return stats
 
     # ------------------------------------------------------------------ evaluation and SFT
     def evaluate_heldout(self, n_tasks: int | None = None, keep: int = 0,
