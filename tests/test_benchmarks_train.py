@@ -58,6 +58,6 @@ def test_zoom_probe_measures_both_views_three_ways(tiny_model_dir) -> None:
     lines = done.stdout.strip().splitlines()
     full = next(line for line in lines if line.startswith("full view")).split()
     zoom = next(line for line in lines if line.startswith("zoomed crop")).split()
-    assert full[2] == "224x224" and zoom[2] == "66x66"  # the scripted box: the 44 px frame padded by a quarter
+    assert full[2] == "224x224" and zoom[2] == "60x60"  # the demonstrations' zoom: the 60 px frame's own box
     assert all(0.0 <= float(a) <= 1.0 for a in full[3:6] + zoom[3:6])  # base answer, frozen eyes, eyes trained
     assert "chance 0.25" in lines[0]

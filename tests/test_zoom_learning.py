@@ -68,14 +68,16 @@ def test_rl_learns_to_zoom_where_the_target_is_and_that_is_what_makes_it_right(t
 
 @pytest.mark.timeout(1800)
 def test_asynchronous_training_learns_to_zoom_as_well(tmp_path):
-    """The same run with two env runners sampling during updates (algorithm.max_staleness=1) reaches the same
-    held-out bar, learning from episodes one update old (no control run: the one above is the control)."""
+    """The same run with two env runners sampling during updates (algorithm.max_staleness=1), at half the learning
+    rate, reaches the same held-out bar, learning from episodes one update old (no control run: the one above is
+    the control)."""
     run_dir = tmp_path / "zoom_async"
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "iterations=12", f"logging.run_dir={run_dir}",
                            "logging.progress=false", "logging.tensorboard=false", "logging.no_tool_control=false",
                            "logging.zoom_controls=false",
                            "algorithm.max_staleness=1", "resources.num_env_runners=2",
-                           "resources.num_cpus_per_env_runner=1", "resources.torch_threads=1"],
+                           "resources.num_cpus_per_env_runner=1", "resources.torch_threads=1",
+                           "optim.lr=1.5e-4"],  # at 3e-4 one run in two drifted after iteration 6 (docs/training.md)
                           capture_output=True, text=True, cwd=tmp_path, timeout=1700,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
