@@ -27,7 +27,7 @@ import ray
 
 from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 from deepeyes_agent.training.config import load_config
-from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record
 
 TARGET = 1.4
 
@@ -46,8 +46,7 @@ def run_mode(model_dir: Path, staleness: int, args: argparse.Namespace) -> dict:
         episodes, waits, updates, staleness_sum, turns = 0, 0.0, 0.0, 0.0, 0.0
         start = time.perf_counter()
         for _ in range(args.iterations):
-            algo.train()
-            m = algo.last_metrics
+            m = iteration_record(algo.train())
             episodes += int(m["episodes"])
             waits += m["time/rollout_s"]
             updates += m.get("time/update_s", 0.0)
@@ -57,7 +56,7 @@ def run_mode(model_dir: Path, staleness: int, args: argparse.Namespace) -> dict:
         return {"mode": "synchronous" if staleness == 0 else f"max_staleness {staleness}", "episodes": episodes,
                 "seconds": seconds, "per_s": episodes / seconds, "wait_s": waits / args.iterations,
                 "update_s": updates / args.iterations, "staleness": staleness_sum / max(1, episodes),
-                "dropped_groups": int(algo.last_metrics.get("async/dropped_groups", 0.0)),
+                "dropped_groups": int(m.get("async/dropped_groups", 0.0)),
                 "turns": turns / max(1, episodes)}
     finally:
         algo.stop()

@@ -38,7 +38,7 @@ def main() -> None:
 
     from deepeyes_agent.training.config import load_config
     from deepeyes_agent.training.driver import prepare_run_dir, start_ray
-    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
+    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml",
@@ -50,8 +50,7 @@ def main() -> None:
         try:
             for _ in range(args.iterations):
                 t0 = time.perf_counter()
-                algo.train()
-                rows.append({**algo.last_metrics, "wall_s": time.perf_counter() - t0})
+                rows.append({**iteration_record(algo.train()), "wall_s": time.perf_counter() - t0})
         finally:
             algo.stop()
             if started:

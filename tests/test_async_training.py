@@ -10,7 +10,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from deepeyes_agent.training.config import load_config  # noqa: E402
-from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record  # noqa: E402
 from deepeyes_agent.training.rllib.async_sampling import AsyncSampler  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,7 @@ def two_runner_config(model_dir, *overrides: str):
 def train(algo, iterations: int) -> tuple[list[dict], list[torch.Tensor]]:
     curves = []
     for _ in range(iterations):
-        algo.train()
-        curves.append(dict(algo.last_metrics))
+        curves.append(iteration_record(algo.train()))
     return curves, [p.detach().clone() for p in algo.learner_group._learner.model.parameters()]
 
 
@@ -46,7 +45,7 @@ def test_the_sampler_without_staleness_is_the_synchronous_run(ray_local, tiny_mo
         sync.stop()
     pipelined = DeepEyesConfig.from_run_config(cfg).build_algo()
     try:
-        pipelined.sampler = AsyncSampler(pipelined, max_staleness=0)
+        pipelined.sampler = AsyncSampler(pipelined, cfg)
         curves, params = train(pipelined, 2)
         assert pipelined.sampler.groups_in_flight() == 0  # nothing is played during an update at k = 0
         assert all(c["async/queued_groups"] == 0.0 for c in curves)
@@ -78,13 +77,12 @@ def test_staleness_one_samples_during_updates_corrects_and_drops(ray_local, tiny
         assert state["deepeyes"]["pending_tasks"] == pending and state["deepeyes"]["policy_version"] == 3
         # held-out evaluation plays with the current weights, though the runners were busy since the last update
         algo.evaluate_heldout(n_tasks=2)
-        versions = algo.env_runner_group.foreach_env_runner(lambda r: r.weights_seq_no, local_env_runner=False)
+        versions = algo.env_runner_group.foreach_env_runner(lambda r: r.policy_version, local_env_runner=False)
         assert versions == [algo.policy_version] * 2
         # Tighten the bound: the batch already playing was sampled one update ago, so it is dropped,
         # counted, and the iteration refills with fresh groups.
         algo.sampler.max_staleness = 0
-        algo.train()
-        metrics = algo.last_metrics
+        metrics = iteration_record(algo.train())
         assert metrics["async/dropped_groups"] - curves[-1]["async/dropped_groups"] == 4.0
         assert metrics["episodes"] == 8 and metrics["async/staleness_max"] == 0.0
     finally:

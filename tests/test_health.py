@@ -58,6 +58,13 @@ def test_collapse_alarm_fires_after_patience_low_iterations_and_resets():
         CollapseAlarm(share=1.5, patience=3)
 
 
+def test_collapse_alarm_record_carries_what_the_warning_quotes():
+    alarm = CollapseAlarm(share=0.5, patience=2)
+    records = [alarm.record(r) for r in (0.8, 0.3, 0.2)]
+    assert [r["health/tool_collapse"] for r in records] == [0.0, 0.0, 1.0]
+    assert records[-1]["health/tool_call_rate_best"] == 0.8 and records[-1]["health/tool_call_low_streak"] == 2.0
+
+
 def test_batch_metrics_split_accuracy_by_tool_use():
     episodes = [{"acc": 1.0, "image_observations": 1.0, "tool_calls": 1.0, "invalid_calls": 0.0, "iou": 0.5},
                 {"acc": 1.0, "image_observations": 2.0, "tool_calls": 3.0, "invalid_calls": 1.0, "iou": None},

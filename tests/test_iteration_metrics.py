@@ -26,7 +26,7 @@ class Episode:
 def runner(episodes: list[Episode], judge: dict, pid: int) -> RunnerBatch:
     return RunnerBatch(episodes=episodes, samples=[], timings={"judge_s": 0.5 * pid, "generate_s": 1.0,
                                                                "generated_tokens": 40.0},
-                       judge_stats=judge, bad_rows=[], node_id="n1", pid=pid, worker_index=pid, weight_version=0)
+                       judge_stats=judge, bad_rows=[], node_id="n1", pid=pid, worker_index=pid, policy_version=0)
 
 
 def record(critic: bool, learned: bool) -> dict:

@@ -19,7 +19,7 @@ from deepeyes_agent.rollout.engine import SamplingParams  # noqa: E402
 from deepeyes_agent.rollout.hf_engine import HFEngine  # noqa: E402
 from deepeyes_agent.training.batch import PackedEpisode, assign_advantages  # noqa: E402
 from deepeyes_agent.training.config import load_config  # noqa: E402
-from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record  # noqa: E402
 from deepeyes_envs.messages import image_part, message  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,7 @@ def test_local_mode_trains_saves_and_restores(ray_local, tiny_model_dir, tmp_pat
         before = _params(algo)
         history = algo.run_sft()
         assert len(history) == 2 and history[-1]["sft_nll"] < history[0]["sft_nll"]
-        algo.train()
-        metrics = algo.last_metrics
+        metrics = iteration_record(algo.train())
         assert metrics["episodes"] == 8  # 4 prompts x 2 rollouts
         for key in ("reward", "acc", "format_error", "tool_call_rate", "invalid_call_rate", "response_length",
                     "entropy", "clip_fraction", "grad_norm", "approx_kl", "learner_tokens_per_s",
@@ -88,22 +87,20 @@ def test_two_remote_env_runners_share_the_batch_and_survive_a_crash(ray_local, t
     try:
         assert algo.env_runner is None and algo.env_runner_group.num_remote_env_runners() == 2
         assert algo.config.restart_failed_env_runners
-        algo.train()
-        metrics = algo.last_metrics
+        metrics = iteration_record(algo.train())
         assert metrics["env_runners"] == 2 and len(metrics["env_runner_pids"]) == 2
         assert metrics["episodes"] == 8
         # kill one runner; the next iteration goes on with the other, then RLlib restarts it
         victim = algo.env_runner_group._worker_manager._actors[algo.env_runner_group.healthy_env_runner_ids()[0]]
         ray.kill(victim, no_restart=False)
-        algo.train()
-        assert algo.last_metrics["episodes"] >= 4
+        assert iteration_record(algo.train())["episodes"] >= 4
         deadline = time.monotonic() + 240  # the restarted actor reloads its model: wait for RLlib's probe
         while algo.env_runner_group.num_healthy_remote_env_runners() < 2 and time.monotonic() < deadline:
             time.sleep(2)
             algo.restore_env_runners(algo.env_runner_group)
         assert algo.env_runner_group.num_healthy_remote_env_runners() == 2
-        algo.train()
-        assert algo.last_metrics["env_runners"] == 2 and algo.last_metrics["episodes"] == 8
+        metrics = iteration_record(algo.train())
+        assert metrics["env_runners"] == 2 and metrics["episodes"] == 8
     finally:
         algo.stop()
 
@@ -121,12 +118,12 @@ def test_two_learners_keep_identical_parameters(ray_local, tiny_model_dir, advan
         start = algo.learner_checksums()
         algo.run_sft()
         algo.train()
-        algo.train()
+        metrics = iteration_record(algo.train())
         sums = algo.learner_checksums()
         assert len(sums) == 2
         assert sums[0] == sums[1], "learners diverged"
         assert sums[0] != start[0], "parameters did not change"
-        assert algo.last_metrics["optimizer_steps" if "optimizer_steps" in algo.last_metrics else "grad_norm"] > 0
+        assert metrics["grad_norm"] > 0
     finally:
         algo.stop()
 
@@ -144,8 +141,7 @@ def test_fsdp2_learners_match_unsharded_learners_and_share_checkpoints(ray_local
     try:
         start = _learner_weights(algo)
         algo.run_sft()
-        algo.train()
-        assert algo.last_metrics["grad_norm"] > 0
+        assert iteration_record(algo.train())["grad_norm"] > 0
         sharded = _learner_weights(algo)
         assert set(sharded) == set(start) and all(v.shape == start[k].shape for k, v in sharded.items())
         # the env runner got the full weights
@@ -175,8 +171,8 @@ def test_fsdp2_learners_match_unsharded_learners_and_share_checkpoints(ray_local
     try:  # and the other way: an unsharded checkpoint (module and AdamW state) loads into FSDP2 learners
         resharded.restore_from_path(path)
         assert all(torch.equal(v, trained[k]) for k, v in _learner_weights(resharded).items())
-        resharded.train()
-        assert resharded.iteration == 3 and resharded.last_metrics["grad_norm"] > 0
+        metrics = iteration_record(resharded.train())
+        assert resharded.iteration == 3 and metrics["grad_norm"] > 0
     finally:
         resharded.stop()
 
@@ -244,8 +240,7 @@ def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir,
         algo.run_sft()
         assert not head.weight.any()  # SFT trains the policy only
         for _ in range(2):
-            algo.train()
-        metrics = algo.last_metrics
+            metrics = iteration_record(algo.train())
         for key in ("value_loss", "vf_clip_fraction", "value_mean", "explained_variance", "time/values_s"):
             assert key in metrics, key
         assert metrics["value_loss"] > 0 and metrics["grad_norm"] > 0
@@ -263,8 +258,8 @@ def test_ppo_trains_the_value_head_and_checkpoints_it(ray_local, tiny_model_dir,
         head = restored.learner_group._learner.module[DEFAULT_MODULE_ID].value_head
         assert all(torch.equal(a, b) for a, b in zip(trained, (head.weight, head.bias), strict=True))
         assert all(torch.equal(a, b) for a, b in zip(policy, _params(restored), strict=True))
-        restored.train()  # and training goes on from there
-        assert restored.iteration == 3 and restored.last_metrics["value_loss"] > 0
+        metrics = iteration_record(restored.train())  # and training goes on from there
+        assert restored.iteration == 3 and metrics["value_loss"] > 0
     finally:
         restored.stop()
 

@@ -67,7 +67,7 @@ def test_data_source_reads_a_local_hf_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_a_mixed_run_trains_on_both_kinds_of_rows(ray_local, tiny_model_dir, tmp_path):
-    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig
+    from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record
 
     path = mixed_parquet(tmp_path / "mix.parquet")
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.source={path}", "data.agentic_fraction=0.25",
@@ -78,12 +78,12 @@ def test_a_mixed_run_trains_on_both_kinds_of_rows(ray_local, tiny_model_dir, tmp
     algo = DeepEyesConfig.from_run_config(cfg).build_algo()
     try:
         for i in range(2):
-            algo.train()
+            metrics = iteration_record(algo.train())
             assert algo.iteration == i + 1
-            assert algo.last_metrics["data/agentic_share"] == 0.25
+            assert metrics["data/agentic_share"] == 0.25
             envs = sorted(t.env_id for t in algo.last_samples)
             assert envs == ["plain"] * 6 + ["visual_toolbox"] * 2  # 1 of 4 prompts, 2 rollouts each
-            assert algo.last_metrics["episodes"] == 8
+            assert metrics["episodes"] == 8
     finally:
         algo.stop()
 

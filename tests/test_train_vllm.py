@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from test_rllib_trainer import tiny_config  # noqa: E402
 
-from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig  # noqa: E402
+from deepeyes_agent.training.rllib.algorithm import DeepEyesConfig, iteration_record  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 SYNCED_GAP = 1e-4  # float32 CPU kernels differ by ~1e-6 (tests/test_vllm_engine.py)
@@ -35,8 +35,7 @@ def test_remote_env_runner_with_vllm_follows_the_learner(ray_local, tiny_model_d
         backends = algo.env_runner_group.foreach_env_runner(lambda r: r.engine.backend, local_env_runner=False)
         assert backends == ["subprocess"]
         for _ in range(2):
-            algo.train()
-            metrics = algo.last_metrics
+            metrics = iteration_record(algo.train())
             assert metrics["episodes"] == 8 and metrics["grad_norm"] > 0
             assert metrics["logprob_gap_max"] < SYNCED_GAP, metrics["logprob_gap_max"]
         moved = max(float((p.detach() - initial[k]).abs().max()) for k, p in learner.model.state_dict().items())
@@ -44,13 +43,12 @@ def test_remote_env_runner_with_vllm_follows_the_learner(ray_local, tiny_model_d
 
         # control: vLLM samples with stale (initial) weights for one iteration; the next sync repairs it
         algo.env_runner_group.foreach_env_runner(lambda r: r.engine.load_weights(initial), local_env_runner=False)
-        algo.train()
-        stale = algo.last_metrics["logprob_gap_max"]
+        stale = iteration_record(algo.train())["logprob_gap_max"]
         assert stale > STALE_GAP, stale
-        algo.train()
-        assert algo.last_metrics["logprob_gap_max"] < SYNCED_GAP
+        again = iteration_record(algo.train())
+        assert again["logprob_gap_max"] < SYNCED_GAP
         print(f"\nlogprob gap max: synced {metrics['logprob_gap_max']:.2e}, stale {stale:.2e}, "
-              f"synced again {algo.last_metrics['logprob_gap_max']:.2e}")
-        assert torch.isfinite(torch.tensor(algo.last_metrics["logprob_gap_mean"]))
+              f"synced again {again['logprob_gap_max']:.2e}")
+        assert torch.isfinite(torch.tensor(again["logprob_gap_mean"]))
     finally:
         algo.stop()

@@ -46,7 +46,7 @@ class PackedEpisode:
     advantages: list[float] | None = None  # per token, filled by the driver
     values: list[float] | None = None  # PPO: the critic's per-token values before the update
     returns: list[float] | None = None  # PPO: per-token targets of the value loss
-    weight_version: int = 0  # the policy version (learner updates so far) the env runner sampled with
+    policy_version: int = 0  # the policy version (learner updates so far) the env runner sampled with
     is_weights: list[float] | None = None  # per token: truncated importance weights of a stale episode
     metrics: dict[str, float] = field(default_factory=dict)
 

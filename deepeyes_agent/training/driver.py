@@ -267,12 +267,13 @@ def _seen_size_of_first_eval_image(cfg: TrainConfig) -> tuple[int, int]:
 def _iterations(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, start: int, echo: Any) -> None:
     from tqdm import tqdm
 
+    from deepeyes_agent.training.rllib.algorithm import iteration_record
+
     bar = tqdm(total=cfg.iterations, initial=start, desc="iterations", unit="it", disable=not cfg.logging.progress,
                dynamic_ncols=True)
     write = bar.write if cfg.logging.progress else echo
     for iteration in range(start + 1, cfg.iterations + 1):
-        algo.train()
-        metrics = dict(algo.last_metrics)
+        metrics = iteration_record(algo.train())
         log.log(iteration, metrics, kind="train")
         if algo.last_samples:
             save_samples(algo, run_dir, iteration)
@@ -290,8 +291,8 @@ def _iterations(algo: Any, cfg: TrainConfig, log: RunLog, run_dir: Path, start: 
         write(format_line(iteration, cfg.iterations, shown))
         if metrics.get("health/tool_collapse"):
             write(f"WARNING: tool-call collapse: the tool-call rate {metrics['tool_call_rate']:.2f} has stayed below "
-                  f"{cfg.logging.collapse_share:.0%} of its best ({algo.collapse_alarm.best:.2f}) for "
-                  f"{algo.collapse_alarm.low_streak} iterations")
+                  f"{cfg.logging.collapse_share:.0%} of its best ({metrics['health/tool_call_rate_best']:.2f}) for "
+                  f"{metrics['health/tool_call_low_streak']:.0f} iterations")
         if iteration % cfg.logging.checkpoint_every == 0 or last:
             save_checkpoint(algo, run_dir, iteration, cfg.logging.keep_checkpoints)
     bar.close()

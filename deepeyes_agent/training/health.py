@@ -79,6 +79,13 @@ class CollapseAlarm:
         self.low_streak = self.low_streak + 1 if self.best > 0 and rate < self.share * self.best else 0
         return self.low_streak >= self.patience
 
+    def record(self, rate: float) -> dict[str, float]:
+        """:meth:`update`, as the iteration's ``health/`` metrics: whether the alarm fired, and the best rate and the
+        low streak its warning quotes."""
+        fired = self.update(rate)
+        return {"health/tool_collapse": float(fired), "health/tool_call_rate_best": self.best,
+                "health/tool_call_low_streak": float(self.low_streak)}
+
     def get_state(self) -> dict[str, float]:
         return {"best": self.best, "low_streak": self.low_streak}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,14 @@ from deepeyes_agent.training.rllib.module import QwenVLModule
 from deepeyes_agent.training.tasks import MixedSchedule, make_schedule, make_task_source
 
 STATE_KEY = "deepeyes"
+METRICS_KEY = "deepeyes"  # where an iteration's record sits in what ``train()`` returns
+
+
+def iteration_record(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The iteration's record (``training.iteration_metrics``) out of what ``DeepEyesAlgorithm.train()`` returned.
+    RLlib's metrics logger keeps a key once logged and reports it empty (None) in iterations that did not log it
+    (PPO's critic numbers when every episode was dropped, say); those are left out."""
+    return {key: value for key, value in result[METRICS_KEY].items() if value is not None}
 
 
 class BadDataError(RuntimeError):
@@ -132,7 +140,6 @@ class DeepEyesAlgorithm(Algorithm):
         self.schedule = make_schedule(make_task_source(run.data, "train"), run.data)
         self.n_eval_tasks = len(make_task_source(run.data, "eval"))
         self.sft_done = run.sft.steps == 0
-        self.last_metrics: dict[str, Any] = {}
         self.last_samples: list[Any] = []
         self.restored_env_runners = 0  # env runners brought back after a failure, over the run
         self.collapse_alarm = CollapseAlarm(run.logging.collapse_share, max(1, run.logging.collapse_patience))
@@ -140,9 +147,11 @@ class DeepEyesAlgorithm(Algorithm):
         self.rows_read: set[int] = set()  # training rows asked for, over the run
         self.last_eval_samples: list[Any] = []
         self.last_eval_top_box: tuple | None = None  # the most common first zoom box of the last evaluation
-        self.policy_version = 0  # learner updates so far; env runners stamp it on the episodes they sample
-        self.sampler = AsyncSampler(self, run.algorithm.max_staleness) if run.algorithm.max_staleness else None
-        self.sync_policy_weights()
+        # The learners' update count (RLlib's weights_seq_no, which every weight sync carries), mirrored after each
+        # update: env runners stamp it on what they sample, so a batch's staleness is a subtraction.
+        self.policy_version = 0
+        self.sampler = AsyncSampler(self, run) if run.algorithm.max_staleness else None
+        self.send_weights()
 
     # ------------------------------------------------------------------ the pieces of an iteration
     def stage_learner_state(self, with_optimizer: bool = False) -> None:
@@ -152,23 +161,25 @@ class DeepEyesAlgorithm(Algorithm):
             learner_results(self.learner_group.foreach_learner(
                 lambda learner, full: learner.stage_full_state(with_optimizer=full), full=with_optimizer))
 
-    def sync_policy_weights(self) -> float:
-        """Send the learners' weights to every env runner; returns the seconds it took."""
+    def send_weights(self, runners: Sequence[int] | None = None) -> float:
+        """Send the learners' weights to the env runners ``runners`` (all of them by default); returns the seconds
+        it took."""
         start = time.perf_counter()
         self.stage_learner_state()
-        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
+                                           to_worker_indices=runners)
         return time.perf_counter() - start
 
     def restore_env_runners(self, env_runner_group: Any) -> list[int]:
-        """Bring restarted env runners back and give them the current weights (RLlib restarts the actors)."""
+        """Bring restarted env runners back (RLlib restarts the actors) with the current weights; asynchronously,
+        the sampler requeues what they were playing and gives them weights with their next work."""
         restored = env_runner_group.probe_unhealthy_env_runners()
         if restored:
             self.restored_env_runners += len(restored)
-            self.stage_learner_state()
-            env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True,
-                                          to_worker_indices=restored)
-            if self.sampler is not None:
-                self.sampler.runner_version.update(dict.fromkeys(restored, self.policy_version))
+            if self.sampler is None:
+                self.send_weights(restored)
+            else:
+                self.sampler.forget_runners(restored)
         return restored
 
     def sample_episodes(self, task_indices: Sequence[int], *, split: str = "train", n_per_task: int = 1,
@@ -233,6 +244,7 @@ class DeepEyesAlgorithm(Algorithm):
         total["grad_norm"] = results[0]["grad_norm"]  # identical on every learner (after the all-reduce)
         total["logprob_gap_max"] = max(res.get("logprob_gap_max", 0.0) for res in results)
         total["optimizer_steps"] = results[0]["optimizer_steps"]
+        total["policy_version"] = results[0]["policy_version"]
         return total
 
     def collect_batch(self, iteration: int, keep: int) -> tuple[list[PackedEpisode], list[RunnerBatch], dict]:
@@ -310,7 +322,7 @@ class DeepEyesAlgorithm(Algorithm):
         else:
             episodes, results, batch_stats = self.collect_batch(iteration, self.trajectories_to_keep(iteration))
         timings = {"rollout_s": time.perf_counter() - start}
-        staleness = [self.policy_version - e.weight_version for e in episodes]
+        staleness = [self.policy_version - e.policy_version for e in episodes]
         played = [e for r in results for e in r.episodes]
         if not played:
             raise RuntimeError("no episodes came back from the env runners")
@@ -321,10 +333,10 @@ class DeepEyesAlgorithm(Algorithm):
                                     epochs=run.algorithm.epochs, env_runner_restarts=self.restored_env_runners,
                                     critic=run.algorithm.advantage == "gae")
         if run.logging.collapse_patience:
-            metrics["health/tool_collapse"] = float(self.collapse_alarm.update(metrics["tool_call_rate"]))
+            metrics.update(self.collapse_alarm.record(metrics["tool_call_rate"]))
         self.last_samples = [s for r in results for s in r.samples]
-        self.last_metrics = metrics
-        self.metrics.log_value("deepeyes_iteration", iteration + 1, window=1)
+        for key, value in metrics.items():
+            self.metrics.log_value((METRICS_KEY, key), value, reduce="item")
 
     def learn(self, episodes: list[PackedEpisode], lr: float, timings: dict[str, float]) -> dict[str, float]:
         """Advantages (after the critic's values, for PPO), one policy update, and the weights to the env runners
@@ -339,10 +351,10 @@ class DeepEyesAlgorithm(Algorithm):
                           gamma=run.algorithm.gamma, lam=run.algorithm.lam)
         start = time.perf_counter()
         stats = self.update_policy(episodes, lr)
-        self.policy_version += 1
+        self.policy_version = int(stats.pop("policy_version"))
         timings["update_s"] = time.perf_counter() - start
         if self.sampler is None:
-            timings["weight_sync_s"] = self.sync_policy_weights()
+            timings["weight_sync_s"] = self.send_weights()
         return stats
 
     # ------------------------------------------------------------------ evaluation and SFT
@@ -395,7 +407,7 @@ class DeepEyesAlgorithm(Algorithm):
             if progress is not None:
                 progress(history[-1])
         learner_results(self.learner_group.foreach_learner(lambda learner: learner.finish_sft()))
-        self.sync_policy_weights()
+        self.send_weights()
         self.sft_done = True
         return history
 
@@ -428,7 +440,7 @@ class DeepEyesAlgorithm(Algorithm):
                 self.bad_rows, self.rows_read = dict(own["bad_rows"]), set(own["rows_read"])
             self.policy_version = int(own.get("policy_version", 0))  # checkpoints of before async have none
             if self.sampler is not None:
-                self.sampler.requeued = list(own.get("pending_tasks", []))
+                self.sampler.set_pending_tasks(own.get("pending_tasks", []))
             random.setstate(own["rng"]["python"])
             np.random.set_state(own["rng"]["numpy"])
             torch.set_rng_state(own["rng"]["torch"])

@@ -50,7 +50,7 @@ class RunnerBatch:
     node_id: str
     pid: int
     worker_index: int
-    weight_version: int  # the policy version these episodes were sampled with
+    policy_version: int  # the policy version these episodes were sampled with
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -69,7 +69,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.judge = make_judge(self.run.rollout.judge)
         self.sources = {"train": make_task_source(self.run.data, "train"),
                         "eval": make_task_source(self.run.data, "eval")}
-        self.weights_seq_no = 0
+        self.policy_version = 0  # the learners' update count of the weights held (RLlib's WEIGHTS_SEQ_NO)
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     # ------------------------------------------------------------------ RLlib's EnvRunner API
@@ -84,7 +84,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return {"__env__": (obs, act), DEFAULT_MODULE_ID: (obs, act)}
 
     def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
-        return {WEIGHTS_SEQ_NO: self.weights_seq_no}
+        return {WEIGHTS_SEQ_NO: self.policy_version}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Load new policy weights when the state carries them (``sync_weights``)."""
@@ -94,7 +94,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if module_state:
             weights = module_state.get(DEFAULT_MODULE_ID, module_state)
             self.engine.load_weights({k: torch.as_tensor(v) for k, v in weights.items()})
-        self.weights_seq_no = int(state.get(WEIGHTS_SEQ_NO, self.weights_seq_no + (1 if module_state else 0)))
+        self.policy_version = int(state.get(WEIGHTS_SEQ_NO, self.policy_version + (1 if module_state else 0)))
 
     def get_ctor_args_and_kwargs(self) -> tuple[tuple, dict[str, Any]]:
         return (), {"config": self.config}
@@ -130,7 +130,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 continue
             episode = PackedEpisode.from_context(traj.context, reward=traj.reward, task_id=traj.task_id,
                                                  group_id=group_offset + traj.group_id, metrics=episode_metrics(traj))
-            episode.weight_version = self.weights_seq_no
+            episode.policy_version = self.policy_version
             episodes.append(episode)
         samples = []
         for traj in list(trajectories)[:keep]:
@@ -142,7 +142,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         judge_stats = self.judge.stats() if hasattr(self.judge, "stats") else {}
         return RunnerBatch(episodes=episodes, samples=samples, timings=timings, judge_stats=judge_stats,
                            bad_rows=bad_rows, node_id=self.node_id, pid=os.getpid(),
-                           worker_index=self.worker_index or 0, weight_version=self.weights_seq_no)
+                           worker_index=self.worker_index or 0, policy_version=self.policy_version)
 
     def read_tasks(self, split: str, indices: Sequence[int]) -> tuple[list[Task], list[int], list[dict[str, Any]]]:
         """The tasks of these rows, the rows they came from, and the rows that cannot become a task (BadRow

@@ -264,9 +264,10 @@ class LLMLearner(TorchLearner):
                         totals[k] = totals.get(k, 0.0) + v
                 grad_norms.append(self._step(optimizer, params, lr, run.optim.grad_clip))
         self.model.eval()
-        self._weights_seq_no += 1  # the policy version, as RLlib's own update counts it; weight syncs carry it
+        self._weights_seq_no += 1  # RLlib's own update count is the policy version: weight syncs carry it
         totals["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         totals["optimizer_steps"] = float(len(grad_norms))
+        totals["policy_version"] = float(self._weights_seq_no)
         return totals
 
     def decoupled(self, episodes: Sequence[PackedEpisode], totals: dict[str, float]) -> list[PackedEpisode]:
@@ -287,7 +288,7 @@ class LLMLearner(TorchLearner):
                 for b, ep in enumerate(chunk):
                     if is_filler(ep):
                         continue
-                    if ep.weight_version >= self._weights_seq_no:
+                    if ep.policy_version >= self._weights_seq_no:
                         out.append(ep)
                         continue
                     n, mask = len(ep), torch.tensor(ep.loss_mask, dtype=torch.bool)
