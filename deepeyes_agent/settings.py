@@ -60,14 +60,14 @@ def _judge_spec(spec: Any) -> Union[str, dict[str, Any]]:
 JudgeSetting = Annotated[Union[str, dict[str, Any]], PlainValidator(_judge_spec)]
 """What ``deepeyes_envs.judges.make_judge`` reads: a name or a mapping with ``type`` and that judge's arguments."""
 
-JUDGE_HELP = ("Judge spec: 'rule', 'llm' (URL from $LLM_AS_A_JUDGE_BASE, model from its /models), 'math', or a "
+_JUDGE_HELP = ("Judge spec: 'rule', 'llm' (URL from $LLM_AS_A_JUDGE_BASE, model from its /models), 'math', or a "
               "mapping of a type and its arguments, e.g. {type: llm, base_url: 'http://host:8000/v1', model: NAME, "
               "on_failure: fallback} (docs/judge.md).")
 
 
 def judge_setting() -> Any:
     """The judge field of a section: rule-based unless set, with the one help text."""
-    return setting("rule", JUDGE_HELP)
+    return setting("rule", _JUDGE_HELP)
 
 
 def leaf_settings(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
