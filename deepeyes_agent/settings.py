@@ -5,19 +5,26 @@ values, overrides set more, everything else keeps the documented default; pydant
 against its field's type (choices are ``Literal`` types) and the models' own validators check combinations.
 Two things pydantic does not do are added here: an unknown key names the closest valid one (a typo must not
 silently train with a default), and :func:`settings_table` renders every setting with its default and help
-text for ``--describe`` and the docs.
+text for ``--describe`` and the docs. Commands whose options are a section's fields get them from
+:func:`add_section_arguments`, so an option's type, choices, default and help are the field's, never a copy.
+The judge is one setting type, :data:`JudgeSetting`, wherever a judge is configured.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
+import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+
+from deepeyes_envs.judges import make_judge
 
 S = TypeVar("S", bound="Section")
 
@@ -35,6 +42,32 @@ class Section(BaseModel):
 def setting(default: Any, help: str, **constraints: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
     """A field with a default and the help text that ``--describe`` prints (``ge=0`` and such pass through)."""
     return Field(default, description=help, **constraints)
+
+
+def _judge_spec(spec: Any) -> Union[str, dict[str, Any]]:
+    """Build the judge once (nothing connects before its first judgement), so a wrong type or keyword is an
+    error when the settings are read, not at the first reward. Judge instances are refused: a setting is
+    what a file or a command line can write, and what a run records."""
+    if not isinstance(spec, (str, Mapping)):
+        raise ValueError("a judge spec is a name or a mapping")
+    try:
+        make_judge(spec)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a judge spec: {exc}") from None
+    return spec if isinstance(spec, str) else dict(spec)
+
+
+JudgeSetting = Annotated[Union[str, dict[str, Any]], PlainValidator(_judge_spec)]
+"""What ``deepeyes_envs.judges.make_judge`` reads: a name or a mapping with ``type`` and that judge's arguments."""
+
+_JUDGE_HELP = ("Judge spec: 'rule', 'llm' (URL from $LLM_AS_A_JUDGE_BASE, model from its /models), 'math', or a "
+              "mapping of a type and its arguments, e.g. {type: llm, base_url: 'http://host:8000/v1', model: NAME, "
+              "on_failure: fallback} (docs/judge.md).")
+
+
+def judge_setting() -> Any:
+    """The judge field of a section: rule-based unless set, with the one help text."""
+    return setting("rule", _JUDGE_HELP)
 
 
 def leaf_settings(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
@@ -90,6 +123,76 @@ def build(model: type[S], data: Mapping[str, Any], overrides: Sequence[str] = ()
 def load(model: type[S], path: str | Path | None = None, overrides: Sequence[str] = ()) -> S:
     """Defaults, then the YAML file at ``path`` (if any), then the overrides."""
     return build(model, read_yaml(path) if path is not None else {}, overrides)
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+def add_section_arguments(container: argparse._ActionsContainer, section: type[Section]) -> None:
+    """One ``--kebab-case`` option per field of ``section`` on a parser or argument group: type, choices and
+    help are the field's, and ``--help`` shows the field's default.
+
+    An option left out is absent from the parsed namespace (``argparse.SUPPRESS``) instead of carrying a copy
+    of the default, so the section's default applies, or a value the caller puts under the given ones. A
+    field that may be None but defaults to something else also gets ``--no-<name>``, which sets None.
+    """
+    for name, info in section.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = _shown(info.get_default(call_default_factory=True))
+        help_text = f"{info.description or ''} (default: {default})".replace("%", "%%")
+        kind, nullable = _option_kind(info.annotation)
+        switchable = nullable and info.default is not None
+        target = container.add_mutually_exclusive_group() if switchable else container
+        target.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, **kind)
+        if switchable:
+            target.add_argument(f"--no-{flag[2:]}", dest=name, action="store_const", const=None,
+                                default=argparse.SUPPRESS, help=f"set {name} to null")
+
+
+def given_arguments(section: type[Section], args: argparse.Namespace) -> dict[str, Any]:
+    """The values of ``section``'s options that the command line gave (see :func:`add_section_arguments`)."""
+    return {name: getattr(args, name) for name in section.model_fields if hasattr(args, name)}
+
+
+def section_from_arguments(section: type[S], args: argparse.Namespace) -> S:
+    """``section`` from the options given, checked like a config file (errors are :class:`ConfigError`)."""
+    return build(section, given_arguments(section, args))
+
+
+def _option_kind(annotation: Any) -> tuple[dict[str, Any], bool]:
+    """The ``add_argument`` keywords that read a value of ``annotation``, and whether None is allowed.
+    What has no command-line form of its own (a mapping, a judge spec) is read as YAML, so JSON too."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _option_kind(rest[0])[0], True
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}, False
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}, False
+    if annotation in (int, float, str):
+        return {"type": annotation}, False
+    if origin is tuple and args and Ellipsis not in args:
+        return {"type": args[0], "nargs": len(args)}, False
+    return {"type": _yaml_value, "metavar": "YAML"}, False
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not YAML or JSON ({getattr(exc, 'problem', exc)})") from None
+
+
+def _shown(value: Any) -> str:
+    """A default as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def explain(exc: ValidationError, model: type[BaseModel]) -> str:

@@ -21,7 +21,7 @@ def test_tiny_model_on_synthetic_vstar_and_hrbench_is_deterministic_and_resumabl
     vstar = make_vstar(tmp_path / "vstar_bench")
     hr = make_hrbench(tmp_path / "hr_bench_4k.parquet")
     args = ["--policy", str(tiny_model_dir), "--benchmark", "synthetic:2", "--benchmark", f"vstar:{vstar}",
-            "--benchmark", f"hrbench:{hr}", "--synthetic-size", "320x240", "--max-tokens", "6", "--max-turns", "2",
+            "--benchmark", f"hrbench:{hr}", "--synthetic-size", "320", "240", "--max-tokens", "6", "--max-turns", "2",
             "--batch-size", "2", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "a"), "--limit", "2"]) == 0
     partial = json.loads((tmp_path / "a" / "results.json").read_text())

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 from pydantic import ConfigDict
@@ -41,8 +41,16 @@ from deepeyes_agent.rollout.metrics import episode_metrics
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
 from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import save_trajectories
-from deepeyes_agent.settings import Section, setting
-from deepeyes_envs.judges import Judge, JudgeRequest, LLMJudge, Verdict, match_rules, option_letter
+from deepeyes_agent.settings import (
+    JudgeSetting,
+    Section,
+    add_section_arguments,
+    build,
+    given_arguments,
+    judge_setting,
+    setting,
+)
+from deepeyes_envs.judges import Judge, JudgeRequest, Verdict, make_judge, match_rules, option_letter
 
 # docs/deepeyes.md, "Evaluation and published numbers": accuracy (%) as published.
 PUBLISHED = {
@@ -94,7 +102,12 @@ class EvalJudge(Judge):
 
 # ---------------------------------------------------------------------------------------------- settings
 class EvalConfig(Section):
-    """How samples are played. All of it goes into the resume check."""
+    """How samples are played. All of it goes into the resume check.
+
+    The evaluation's own rules decide first (:class:`EvalJudge`); ``judge`` decides what they leave undecided,
+    and ``'rule'`` scores those 0. An LLM judge whose retries run out falls back to the rules (its
+    ``on_failure: fallback`` default), so an unreachable judge costs accuracy on hard answers, not the run.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -109,18 +122,14 @@ class EvalConfig(Section):
     env_kwargs: dict = setting({}, "More keyword arguments for the env (e.g. prompt_style, tools); max_turns "
                                    "is set by max_turns.")
     batch_size: int = setting(8, "Samples per chunk (the unit of resuming).", ge=1)
-    judge: Literal["rule", "llm"] = setting("rule", "What decides when the rules cannot.")
-    judge_url: Optional[str] = setting(None, "LLM judge base URL (default $LLM_AS_A_JUDGE_BASE).")
-    judge_model: Optional[str] = setting(None, "LLM judge model name (default: the first the server lists).")
+    judge: JudgeSetting = judge_setting()
     synthetic_size: tuple[int, int] = setting((1920, 1080), "Image size (width, height) of the synthetic benchmark.")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
 
     def make_judge(self) -> EvalJudge:
-        if self.judge == "rule":
-            return EvalJudge()
-        return EvalJudge(LLMJudge(base_url=self.judge_url, model=self.judge_model, on_failure="fallback"))
+        return EvalJudge(None if self.judge == "rule" else make_judge(self.judge))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -227,7 +236,7 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
              f"sample, temperature {s['temperature']}, max {s['max_tokens']} tokens per call, k = {k}, seed "
              f"{s['seed']}" + (f"; defaults from the run of `{s['run_settings']}`" if s.get("run_settings") else ""),
              f"- options shuffled: {'yes, seed ' + str(s['seed']) if s['shuffle'] else 'no (original order)'}; "
-             f"judge: rules first, then {'the LLM judge' if s['judge'] == 'llm' else 'nothing (rule-only)'}",
+             f"judge: rules first, then {_judge_line(s['judge'])}",
              ""]
     acc_label = f"Avg@{k}" if k > 1 else "accuracy"
     summary = []
@@ -272,6 +281,12 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
               "DeepEyes reported that an unshuffled option order (the correct option always first) inflated "
               "scores by about 5 points; this run's order is as stated above.", ""]
     return "\n".join(lines)
+
+
+def _judge_line(spec: Any) -> str:
+    if spec == "rule":
+        return "nothing (rule-only)"
+    return f"the judge `{spec if isinstance(spec, str) else json.dumps(spec)}`"
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -326,20 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="evaluate only the first N samples of each benchmark")
     b.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
     b.add_argument("--no-progress", action="store_true")
-    b.add_argument("--synthetic-size", default="1920x1080", help="image size of the V*-like synthetic benchmark, WxH")
-    e = parser.add_argument_group("evaluation (unset ones default to the run's, for a policy from a run)")
-    e.add_argument("--k", type=int, default=1, help="samples per question (Avg@k, Pass@k); use with --temperature")
-    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    e.add_argument("--max-turns", type=int, help="model calls per sample (default 11, as DeepEyes evaluated)")
-    e.add_argument("--max-tokens", type=int, help="tokens per model call (default 1024)")
-    e.add_argument("--seed", type=int, default=0, help="option shuffling and sampling seed")
-    e.add_argument("--no-shuffle", action="store_true", help="keep the released option order (inflates scores)")
-    e.add_argument("--env", help="env the samples are played in (default visual_toolbox_v2)")
-    e.add_argument("--env-kwargs", type=json.loads, help='more env keyword arguments as JSON, e.g. \'{"tools": []}\'')
-    e.add_argument("--batch-size", type=int, default=8, help="samples per chunk (the unit of resuming)")
-    e.add_argument("--judge", choices=("rule", "llm"), default="rule", help="what decides when rules cannot")
-    e.add_argument("--judge-url", help="LLM judge base URL (default $LLM_AS_A_JUDGE_BASE)")
-    e.add_argument("--judge-model")
+    add_section_arguments(parser.add_argument_group("evaluation (env, env kwargs, turns and tokens left unset "
+                                                    "default to the run's, for a policy from a run)"), EvalConfig)
     return parser
 
 
@@ -375,23 +378,23 @@ def _policy_run_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Opti
     return settings, str(source.run_dir or source.path) if settings else None
 
 
+def config_from_arguments(args: argparse.Namespace, defaults: Mapping[str, Any]) -> EvalConfig:
+    """The command line's settings over the run's; given env kwargs go on top of the run's, not instead."""
+    given = given_arguments(EvalConfig, args)
+    if isinstance(given.get("env_kwargs"), dict):
+        given["env_kwargs"] = {**defaults.get("env_kwargs", {}), **given["env_kwargs"]}
+    return build(EvalConfig, {**defaults, **given})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from deepeyes_agent.policy.export import PolicySourceError
 
     args = build_parser().parse_args(argv)
     try:
-        width, height = (int(v) for v in args.synthetic_size.lower().split("x"))
         run, run_from = _policy_run_settings(args)
-        given = {"max_turns": args.max_turns, "max_tokens": args.max_tokens, "env": args.env,
-                 "env_kwargs": args.env_kwargs}
-        defaults = run_defaults(run)
-        chosen = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-        chosen["env_kwargs"] = {**defaults.get("env_kwargs", {}), **(args.env_kwargs or {})}  # on top of the run's
-        config = EvalConfig(k=args.k, temperature=args.temperature, seed=args.seed, shuffle=not args.no_shuffle,
-                            batch_size=args.batch_size, judge=args.judge, judge_url=args.judge_url,
-                            judge_model=args.judge_model, synthetic_size=(width, height), **chosen)
-        benchmarks = [load_benchmark(spec, seed=args.seed, shuffle=config.shuffle, env_name=config.env,
-                                     synthetic_size=(width, height), run_data=run.get("data"))
+        config = config_from_arguments(args, run_defaults(run))
+        benchmarks = [load_benchmark(spec, seed=config.seed, shuffle=config.shuffle, env_name=config.env,
+                                     synthetic_size=config.synthetic_size, run_data=run.get("data"))
                       for spec in args.benchmark]
     except (ValueError, PolicySourceError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

@@ -39,10 +39,17 @@ from deepeyes_agent.offline.reporting import histogram_png, md_table
 from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
 from deepeyes_agent.rollout.seeding import derive_seed
-from deepeyes_agent.settings import Section, setting
+from deepeyes_agent.settings import (
+    ConfigError,
+    JudgeSetting,
+    Section,
+    add_section_arguments,
+    judge_setting,
+    section_from_arguments,
+    setting,
+)
 from deepeyes_envs.datasets import load_deepeyes_parquet
 from deepeyes_envs.images import ImageError, LazyImage, to_rgb_array
-from deepeyes_envs.judges import JudgeSpec
 from deepeyes_envs.tasks import Task, TaskError, TaskSource
 
 MIN_IMAGE_SIDE = 28  # Qwen-VL's patch merge factor: a smaller side cannot even form one visual token
@@ -57,8 +64,6 @@ class SelectionRules(Section):
     * ``plain_max``: one-turn answers fail, ``pass_plain <= plain_max`` (default 0: every one wrong).
     * ``tools_help``: ``pass_tools > pass_plain``.
     * ``combine``: ``"all"`` keeps samples passing every enabled rule, ``"any"`` those passing one.
-
-    Images with a side under ``min_image_side`` px are skipped before any rollout, whatever the rules.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -67,7 +72,6 @@ class SelectionRules(Section):
     plain_max: Optional[float] = setting(0.0, "Keep pass rate without tools <= this.")
     tools_help: bool = setting(False, "Also require pass rate with tools > without.")
     combine: Literal["all", "any"] = setting("all", "Keep rows passing every enabled rule, or any one.")
-    min_image_side: int = setting(MIN_IMAGE_SIDE, "Skip rows with an image side below this (px).", ge=1)
 
     @field_validator("band")
     @classmethod
@@ -110,7 +114,8 @@ class SelectionRules(Section):
 
 # ---------------------------------------------------------------------------------------------- measuring
 class SelectionConfig(Section):
-    """How samples are measured. Every field goes into the resume check (rules do not)."""
+    """How samples are measured. Every field goes into the resume check (rules do not): rows with an image
+    side under ``min_image_side`` px are recorded as skipped before any rollout, whatever the rules."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -121,16 +126,11 @@ class SelectionConfig(Section):
     max_tokens: int = setting(1024, "Tokens per generated turn.", ge=1)
     max_turns: Optional[int] = setting(None, "Override of the env's max_turns for rollouts with tools.", ge=1)
     tool_env: str = setting("visual_toolbox_v2", "Env for rows whose env_name is empty.")
-    judge: Any = setting("rule", "Judge spec: 'rule' or {type: llm, base_url: ..., model: ...}.")
-    min_image_side: int = setting(MIN_IMAGE_SIDE, "Rows with a smaller image side are skipped (px).", ge=1)
+    judge: JudgeSetting = judge_setting()
+    min_image_side: int = setting(MIN_IMAGE_SIDE, "Skip rows with an image side below this (px).", ge=1)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
-
-    def settings(self) -> dict[str, Any]:
-        d = self.model_dump(exclude={"judge"})
-        d["judge"] = self.judge if isinstance(self.judge, (str, dict, type(None))) else repr(self.judge)
-        return d
 
 
 def min_image_side(task: Task) -> int:
@@ -254,10 +254,11 @@ def _bins(k: int) -> list[float]:
     return [-step / 2 + i * step for i in range(k + 2)]
 
 
-def selection_report(records: Sequence[Mapping[str, Any]], rules: SelectionRules, *, k: int, total_rows: int,
-                     kept: int, out_dir: str | os.PathLike, title_lines: Sequence[str] = ()) -> str:
+def selection_report(records: Sequence[Mapping[str, Any]], rules: SelectionRules, config: SelectionConfig, *,
+                     total_rows: int, kept: int, out_dir: str | os.PathLike, title_lines: Sequence[str] = ()) -> str:
     """The Markdown report (counts per rule and per data_source, the pass-rate histogram), with its PNG."""
     out_dir = Path(out_dir)
+    k, min_side = config.k, config.min_image_side
     measured = [r for r in records if r["status"] == "measured"]
     status = Counter(r["status"] for r in records)
     names = rules.names()
@@ -269,9 +270,9 @@ def selection_report(records: Sequence[Mapping[str, Any]], rules: SelectionRules
     lines += ["## Rules", ""]
     lines += [f"- `{name}`: {text}" for name, text in names.items()]
     lines += [f"- combined with: {rules.combine}" if len(names) > 1 else "",
-              f"- images with a side under {rules.min_image_side} px are skipped before any rollout", ""]
+              f"- images with a side under {min_side} px are skipped before any rollout", ""]
 
-    rule_rows = [[f"image side >= {rules.min_image_side} px", len(records) - status["small_image"] - status["error"],
+    rule_rows = [[f"image side >= {min_side} px", len(records) - status["small_image"] - status["error"],
                   status["small_image"]]]
     rule_rows += [["load error", "–", status["error"]]] if status["error"] else []
     for name in names:
@@ -333,10 +334,10 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
     log_path = work / "progress.jsonl"
     if overwrite and log_path.exists():
         log_path.unlink()
-    config = (config or SelectionConfig()).model_copy(update={"min_image_side": rules.min_image_side})
+    config = config or SelectionConfig()
     source = load_deepeyes_parquet(data, image_root=image_root)
     settings = {"data": os.path.abspath(os.fspath(data)), "rows": len(source), "policy": runner.describe(),
-                **config.settings()}
+                **config.model_dump(mode="json")}
     log = ChunkLog(log_path, settings)
     start = time.perf_counter()
     records = measure(source, runner, config, log, limit=limit, progress=progress)
@@ -350,7 +351,7 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
              f"- k = {config.k} rollouts with tools and {config.k} without, temperature {config.temperature}, "
              f"max {config.max_tokens} tokens per turn, seed {config.seed}, judge `{config.judge}`",
              f"- this invocation: {elapsed:.1f} s"]
-    report = selection_report(records, rules, k=config.k, total_rows=len(source), kept=len(kept_rows),
+    report = selection_report(records, rules, config, total_rows=len(source), kept=len(kept_rows),
                               out_dir=work, title_lines=title)
     report_path = work / "report.md"
     report_path.write_text(report + "\n", encoding="utf-8")
@@ -358,18 +359,6 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def judge_spec(name: str, url: Optional[str], model: Optional[str]) -> JudgeSpec:
-    """``rule`` or ``llm`` (URL from ``--judge-url`` or ``$LLM_AS_A_JUDGE_BASE``) as a judge spec."""
-    if name == "rule":
-        return "rule"
-    spec: dict[str, Any] = {"type": "llm"}
-    if url:
-        spec["base_url"] = url
-    if model:
-        spec["model"] = model
-    return spec
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.offline.selection",
                                      description=__doc__.split("\n")[0],
@@ -383,37 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--limit", type=int, help="stop after about this many rows (whole chunks); rerun to continue")
     io_.add_argument("--overwrite", action="store_true", help="discard recorded progress and start again")
     io_.add_argument("--no-progress", action="store_true", help="no progress bar")
-    m = parser.add_argument_group("measuring")
-    m.add_argument("--k", type=int, default=4, help="rollouts per sample, with tools and without each")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--batch-size", type=int, default=8, help="rows per chunk (the unit of resuming)")
-    m.add_argument("--temperature", type=float, default=1.0)
-    m.add_argument("--max-tokens", type=int, default=1024, help="tokens per generated turn")
-    m.add_argument("--max-turns", type=int, help="override the env's max_turns for rollouts with tools")
-    m.add_argument("--tool-env", default="visual_toolbox_v2", help="env for rows whose env_name is empty")
-    m.add_argument("--judge", choices=("rule", "llm"), default="rule")
-    m.add_argument("--judge-url", help="LLM judge base URL (default $LLM_AS_A_JUDGE_BASE)")
-    m.add_argument("--judge-model")
-    r = parser.add_argument_group("rules")
-    r.add_argument("--band", type=float, nargs=2, default=(0.0, 0.5), metavar=("LOW", "HIGH"),
-                   help="keep LOW < pass rate with tools < HIGH")
-    r.add_argument("--no-band", action="store_true", help="disable the difficulty band")
-    r.add_argument("--plain-max", type=float, default=0.0, help="keep pass rate without tools <= this")
-    r.add_argument("--no-plain-rule", action="store_true", help="disable the one-turn-fails rule")
-    r.add_argument("--tools-help", action="store_true", help="also require pass rate with tools > without")
-    r.add_argument("--combine", choices=("all", "any"), default="all")
-    r.add_argument("--min-image-side", type=int, default=MIN_IMAGE_SIDE)
+    add_section_arguments(parser.add_argument_group("measuring"), SelectionConfig)
+    add_section_arguments(parser.add_argument_group("rules"), SelectionRules)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    rules = SelectionRules(band=None if args.no_band else tuple(args.band),
-                           plain_max=None if args.no_plain_rule else args.plain_max, tools_help=args.tools_help,
-                           combine=args.combine, min_image_side=args.min_image_side)
-    config = SelectionConfig(k=args.k, seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                             max_tokens=args.max_tokens, max_turns=args.max_turns, tool_env=args.tool_env,
-                             judge=judge_spec(args.judge, args.judge_url, args.judge_model))
+    try:
+        config = section_from_arguments(SelectionConfig, args)
+        rules = section_from_arguments(SelectionRules, args)
+    except ConfigError as exc:
+        print(f"selection: {exc}", file=sys.stderr)
+        return 2
     runner = runner_from_arguments(args)
     try:
         result = run_selection(args.data, args.out, runner, config=config, rules=rules, work_dir=args.work_dir,

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from deepeyes_agent.settings import ConfigError, Section, load, setting, settings_table
+from deepeyes_agent.settings import ConfigError, JudgeSetting, Section, judge_setting, load, setting, settings_table
 from deepeyes_agent.training.choices import Advantage, KLEstimator, LossAgg
 
 __all__ = ["ConfigError", "TrainConfig", "describe", "load_config"]
@@ -96,8 +96,7 @@ class RolloutConfig(Section):
     max_tokens: int = setting(64, "Most tokens per assistant reply (DeepEyes: 10240).", ge=1)
     max_prompt_tokens: int = setting(8192, "Longest first observation; longer tasks are skipped.", ge=1)
     max_total_tokens: int = setting(28672, "Token budget of a whole episode (prompt + replies + observations).", ge=1)
-    judge: Any = setting("rule", "Judge spec: 'rule', 'llm' (URL from $LLM_AS_A_JUDGE_BASE), or a dict "
-                                 "{type: llm, base_url: ..., on_failure: fallback}.")
+    judge: JudgeSetting = judge_setting()
     eval_temperature: float = setting(0.0, "Temperature of held-out evaluation (0: greedy).", ge=0.0)
     vllm: dict = setting({}, "Keyword arguments for the vLLM engine (gpu_memory_utilization, tensor_parallel_size, "
                              "...).")
