@@ -1,4 +1,4 @@
-"""Task files: DeepEyes parquet rows and Hugging Face ``datasets`` -> :class:`~deepeyes_envs.tasks.Task`.
+"""Task files: DeepEyes parquet rows and Hugging Face ``datasets`` -> :class:`~deepeyes_envs.data.tasks.Task`.
 
 Both loaders are lazy: a row becomes a ``Task`` only when a source is indexed, and its images
 become :class:`~deepeyes_envs.images.LazyImage` (compressed bytes or a path), so thousands of 4K
@@ -10,7 +10,7 @@ The Hugging Face ``datasets`` package is optional (the ``agent`` extra) and impo
 :func:`load_hf_dataset`, so ``import deepeyes_envs`` stays light.
 
 Training must survive bad rows without losing any silently: :func:`validate_deepeyes_row` returns a
-Task or a :class:`~deepeyes_envs.tasks.BadRow` saying why not, sources can skip bad rows and list them
+Task or a :class:`~deepeyes_envs.data.tasks.BadRow` saying why not, sources can skip bad rows and list them
 (``on_bad_row="skip"``), and ``python -m deepeyes_envs.datasets check FILE`` reports every bad row of a
 file before a run starts.
 """
@@ -31,11 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import MAX_DECODED_PIXELS, LazyImage, encode_png, to_rgb_array
-from .messages import IMAGE_PLACEHOLDER
-from .prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT, SYSTEM_PROMPT_V2, USER_PROMPT_V2
-from .registry import PLAIN_ENV, registered_envs
-from .tasks import (
+from .data.tasks import (
     BadRow,
     Box,
     ConcatTaskSource,
@@ -46,6 +42,10 @@ from .tasks import (
     check_on_bad_row,
     format_multiple_choice,
 )
+from .images import MAX_DECODED_PIXELS, LazyImage, encode_png, to_rgb_array
+from .messages import IMAGE_PLACEHOLDER
+from .prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT, SYSTEM_PROMPT_V2, USER_PROMPT_V2
+from .registry import PLAIN_ENV, registered_envs
 
 PathLike = Union[str, os.PathLike]
 
@@ -391,7 +391,7 @@ class ParquetTaskSource(IndexedTaskSource):
 
     Rows name an env: ``env_names`` (default: every env registered when the row is read) are the ones
     accepted. ``on_bad_row="skip"`` passes over rows that cannot become tasks when sampling and
-    iterating, and lists them in :attr:`bad_rows` (see :class:`~deepeyes_envs.tasks.IndexedTaskSource`).
+    iterating, and lists them in :attr:`bad_rows` (see :class:`~deepeyes_envs.data.tasks.IndexedTaskSource`).
     """
 
     def __init__(

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import gymnasium as gym
 import yaml
 
-from .tasks import Task
+from .data.tasks import Task
 from .tools import register_tool
 
 REGISTRY_FILE = Path(__file__).with_name("envs_registry.yaml")

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from deepeyes_envs.data.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
+from deepeyes_envs.data.tasks import ListTaskSource
 from deepeyes_envs.datasets import write_deepeyes_parquet
-from deepeyes_envs.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
 from deepeyes_envs.synthetic import SyntheticTaskSource
-from deepeyes_envs.tasks import ListTaskSource
 
 
 def _tasks(n_agentic: int, n_plain: int) -> tuple[list, list]:

@@ -21,9 +21,9 @@ from test_tasks_parquet import deepeyes_row
 
 import deepeyes_envs  # noqa: F401  (registers the envs)
 from deepeyes_envs import datasets
+from deepeyes_envs.data.tasks import BadRow, Task, TaskError, TaskImageError
 from deepeyes_envs.datasets import check_deepeyes_parquet, load_deepeyes_parquet, validate_deepeyes_row
 from deepeyes_envs.images import ImageError, LazyImage, encode_png
-from deepeyes_envs.tasks import BadRow, Task, TaskError, TaskImageError
 
 
 def png(h: int = 40, w: int = 50, value: int = 9) -> bytes:

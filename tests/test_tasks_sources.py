@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepeyes_envs.tasks import (
+from deepeyes_envs.data.tasks import (
     ConcatTaskSource,
     ListTaskSource,
     Task,

@@ -9,7 +9,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
-from .images import MAX_DECODED_PIXELS, ImageError, ImageLike, seen_size, to_rgb_array
+from ..images import MAX_DECODED_PIXELS, ImageError, ImageLike, seen_size, to_rgb_array
 
 Box = tuple[float, float, float, float]
 

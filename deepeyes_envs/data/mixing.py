@@ -48,7 +48,7 @@ def env_names(source: TaskSource) -> list[str]:
     A DeepEyes parquet file is read column-wise (no images decoded, no rows converted), so splitting
     a 47k-row training file costs a fraction of a second; other sources are walked task by task.
     """
-    from .datasets import ParquetTaskSource
+    from ..datasets import ParquetTaskSource
 
     if isinstance(source, ParquetTaskSource):
         import pyarrow.parquet as pq
@@ -73,7 +73,7 @@ def split_by_env_name(source: TaskSource) -> tuple[SubsetTaskSource, SubsetTaskS
 
 def route(tasks: Sequence[Task]) -> dict[str, list[Task]]:
     """Tasks grouped by the env they run in (``env_id_for``: empty ``env_name`` -> "plain"), order kept."""
-    from .registry import env_id_for
+    from ..registry import env_id_for
 
     out: dict[str, list[Task]] = {}
     for task in tasks:
@@ -94,7 +94,7 @@ class MixedTaskSource(IndexedTaskSource):
     """Agentic and plain tasks mixed at ``agentic_fraction`` per batch.
 
     Indexing is the concatenation (agentic rows first), so the source also works wherever a plain
-    :class:`~deepeyes_envs.tasks.TaskSource` does; :meth:`sample` draws an agentic task with probability
+    :class:`~deepeyes_envs.data.tasks.TaskSource` does; :meth:`sample` draws an agentic task with probability
     ``agentic_fraction``. A fraction of 1 (or 0) needs no plain (or agentic) rows at all.
     Tasks drawn from the agentic side must have an ``env_name`` and plain ones must not: a row in the
     wrong file would silently change the ratio, so it raises ``ValueError`` instead.
@@ -123,7 +123,7 @@ class MixedTaskSource(IndexedTaskSource):
         ``agentic_data`` / ``plain_data``: files of one kind each (rows are still checked as drawn).
         Both forms may be combined; the rows found are pooled per kind.
         """
-        from .datasets import load_deepeyes_parquet
+        from ..datasets import load_deepeyes_parquet
 
         agentic: list[TaskSource] = []
         plain: list[TaskSource] = []
