@@ -428,7 +428,7 @@ def resolve_task_source(spec: Any) -> TaskSource:
 
         return SyntheticTaskSource(**{"n": 1000, "seed": 0, **(spec or {})})
     if isinstance(spec, (str, os.PathLike)):
-        from .datasets import load_deepeyes_parquet
+        from .data.parquet import load_deepeyes_parquet
 
         return load_deepeyes_parquet(spec)
     return as_task_source(spec)

@@ -77,6 +77,11 @@ def registered_envs() -> dict[str, dict[str, Any]]:
     return {name: dict(spec) for name, spec in _registered.items()}
 
 
+def registered_env_names() -> frozenset[str]:
+    """The env names a row may carry right now: the built-in ones and every registered plugin's."""
+    return frozenset(_registered)
+
+
 def env_id_for(task: Union[Task, str, None]) -> str:
     """The env a task (or a row's env_name) is routed to; empty or null means the plain env."""
     name = task.env_name if isinstance(task, Task) else task

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from deepeyes_envs.data.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
+from deepeyes_envs.data.parquet import write_deepeyes_parquet
 from deepeyes_envs.data.tasks import ListTaskSource
-from deepeyes_envs.datasets import write_deepeyes_parquet
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 

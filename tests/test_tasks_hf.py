@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepeyes_envs.data.hf import load_hf_dataset
 from deepeyes_envs.data.tasks import TaskError, TaskSource
-from deepeyes_envs.datasets import load_hf_dataset
 from deepeyes_envs.images import LazyImage
 
 datasets = pytest.importorskip("datasets")

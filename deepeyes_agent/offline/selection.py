@@ -40,8 +40,8 @@ from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.runners import Runner, add_policy_arguments, runner_from_arguments
 from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.settings import Section, setting
+from deepeyes_envs.data.parquet import load_deepeyes_parquet
 from deepeyes_envs.data.tasks import Task, TaskError, TaskSource
-from deepeyes_envs.datasets import load_deepeyes_parquet
 from deepeyes_envs.images import ImageError, LazyImage, to_rgb_array
 from deepeyes_envs.judges import JudgeSpec
 

@@ -48,7 +48,7 @@ def env_names(source: TaskSource) -> list[str]:
     A DeepEyes parquet file is read column-wise (no images decoded, no rows converted), so splitting
     a 47k-row training file costs a fraction of a second; other sources are walked task by task.
     """
-    from ..datasets import ParquetTaskSource
+    from .parquet import ParquetTaskSource
 
     if isinstance(source, ParquetTaskSource):
         import pyarrow.parquet as pq
@@ -123,7 +123,7 @@ class MixedTaskSource(IndexedTaskSource):
         ``agentic_data`` / ``plain_data``: files of one kind each (rows are still checked as drawn).
         Both forms may be combined; the rows found are pooled per kind.
         """
-        from ..datasets import load_deepeyes_parquet
+        from .parquet import load_deepeyes_parquet
 
         agentic: list[TaskSource] = []
         plain: list[TaskSource] = []
