@@ -1,30 +1,26 @@
-"""Hybrid batches: agentic rows (``env_name`` set) and plain rows (``env_name`` empty) at a fixed ratio.
+"""One training mix of agentic rows (``env_name`` set) and plain rows (``env_name`` empty), kept apart by kind.
 
 DeepEyes trains on one stream in which tool rows (V*, charts) and one-turn rows (math) are mixed and told
 apart only by ``env_name`` (docs/deepeyes.md, "Data"); the ratio then drifts with whatever the files
-hold. :class:`MixedTaskSource` makes the ratio a setting: every :meth:`~MixedTaskSource.batch` holds
-``agentic_fraction * size`` agentic tasks (exactly when that is a whole number), each task still routed
-to its own env through :func:`deepeyes_envs.registry.env_id_for`.
-
-Trainer wiring (config values -> source)::
-
-    source = MixedTaskSource.from_config(data="train.parquet", agentic_fraction=0.5)
-    tasks = source.batch(rng, 256)              # or: for tasks in source.iter_batches(256, seed=0)
-    groups = route(tasks)                        # {"visual_toolbox_v2": [...], "plain": [...]}
+hold. :class:`MixedTaskSource` holds the two kinds side by side so that the ratio becomes a setting: the
+trainer's schedule (``deepeyes_agent.training.tasks.MixedSchedule``) draws :func:`agentic_count` agentic
+rows per batch from it, and :func:`route` sends each task to its own env.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from .tasks import ConcatTaskSource, IndexedTaskSource, Task, TaskSource, as_task_source, env_name_of
+from ..registry import env_id_for
+from .parquet import ParquetTaskSource, load_deepeyes_parquet
+from .tasks import ConcatTaskSource, IndexedTaskSource, PathLike, Task, TaskSource, as_task_source, env_name_of
 
-PathLike = Union[str, os.PathLike]
 Paths = Union[PathLike, Sequence[PathLike]]
 
 
@@ -48,11 +44,7 @@ def env_names(source: TaskSource) -> list[str]:
     A DeepEyes parquet file is read column-wise (no images decoded, no rows converted), so splitting
     a 47k-row training file costs a fraction of a second; other sources are walked task by task.
     """
-    from .parquet import ParquetTaskSource
-
     if isinstance(source, ParquetTaskSource):
-        import pyarrow.parquet as pq
-
         column = pq.read_table(source.path, columns=["env_name"]).column("env_name").to_pylist()
         return [name or "" for name in column]
     if isinstance(source, ConcatTaskSource):
@@ -73,8 +65,6 @@ def split_by_env_name(source: TaskSource) -> tuple[SubsetTaskSource, SubsetTaskS
 
 def route(tasks: Sequence[Task]) -> dict[str, list[Task]]:
     """Tasks grouped by the env they run in (``env_id_for``: empty ``env_name`` -> "plain"), order kept."""
-    from ..registry import env_id_for
-
     out: dict[str, list[Task]] = {}
     for task in tasks:
         out.setdefault(env_id_for(task), []).append(task)
@@ -91,13 +81,12 @@ def agentic_count(size: int, fraction: float, rng: np.random.Generator) -> int:
 
 
 class MixedTaskSource(IndexedTaskSource):
-    """Agentic and plain tasks mixed at ``agentic_fraction`` per batch.
+    """Agentic and plain tasks, and the share of each batch that is agentic (``agentic_fraction``).
 
-    Indexing is the concatenation (agentic rows first), so the source also works wherever a plain
-    :class:`~deepeyes_envs.data.tasks.TaskSource` does; :meth:`sample` draws an agentic task with probability
-    ``agentic_fraction``. A fraction of 1 (or 0) needs no plain (or agentic) rows at all.
-    Tasks drawn from the agentic side must have an ``env_name`` and plain ones must not: a row in the
-    wrong file would silently change the ratio, so it raises ``ValueError`` instead.
+    Indexing is the concatenation (agentic rows first), the index space the trainer's ``MixedSchedule``
+    draws from. A fraction of 1 (or 0) needs no plain (or agentic) rows at all. A row read from the
+    agentic side must have an ``env_name`` and one from the plain side must not: a row in the wrong file
+    would silently change the ratio, so it raises ``ValueError`` instead.
     """
 
     def __init__(self, agentic: TaskSource | Sequence[Task], plain: TaskSource | Sequence[Task],
@@ -112,19 +101,17 @@ class MixedTaskSource(IndexedTaskSource):
         if agentic_fraction < 1 and len(self.plain) == 0:
             raise ValueError(f"agentic_fraction is {agentic_fraction} but there are no plain rows")
 
-    # -- construction from config values ---------------------------------------------------------
     @classmethod
     def from_config(cls, agentic_fraction: float = 0.5, data: Optional[Paths] = None,
                     agentic_data: Optional[Paths] = None, plain_data: Optional[Paths] = None,
                     image_root: Optional[PathLike] = None) -> MixedTaskSource:
-        """Build from file paths, as a trainer config states them.
+        """Build from DeepEyes parquet paths, where the kinds may come in files of their own.
 
-        ``data``: DeepEyes parquet file(s) holding both kinds of rows, split by ``env_name``. Or
-        ``agentic_data`` / ``plain_data``: files of one kind each (rows are still checked as drawn).
-        Both forms may be combined; the rows found are pooled per kind.
+        ``data``: file(s) holding both kinds of rows, split by ``env_name``. Or ``agentic_data`` /
+        ``plain_data``: files of one kind each (rows are still checked as read). Both forms may be
+        combined; the rows found are pooled per kind. (The trainer's ``data.source`` with
+        ``data.agentic_fraction`` is the ``data`` form.)
         """
-        from .parquet import load_deepeyes_parquet
-
         agentic: list[TaskSource] = []
         plain: list[TaskSource] = []
         if data is not None:
@@ -139,12 +126,6 @@ class MixedTaskSource(IndexedTaskSource):
             raise ValueError("give data, or agentic_data and/or plain_data")
         return cls(ConcatTaskSource(agentic), ConcatTaskSource(plain), agentic_fraction)
 
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any]) -> MixedTaskSource:
-        """``from_config(**config)`` for a config section such as ``{"data": ..., "agentic_fraction": 0.5}``."""
-        return cls.from_config(**dict(config))
-
-    # -- TaskSource protocol ---------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.agentic) + len(self.plain)
 
@@ -153,46 +134,6 @@ class MixedTaskSource(IndexedTaskSource):
         if index < n:
             return self._checked(self.agentic[index], agentic=True)
         return self._checked(self.plain[index - n], agentic=False)
-
-    def sample(self, rng: np.random.Generator) -> Task:
-        """One task: agentic with probability ``agentic_fraction``, uniform within its side."""
-        agentic = rng.random() < self.agentic_fraction
-        side = self.agentic if agentic else self.plain
-        return self._checked(side[int(rng.integers(len(side)))], agentic=agentic)
-
-    # -- batches ------------------------------------------------------------------------------------
-    def batch(self, rng: np.random.Generator, size: int) -> list[Task]:
-        """``size`` tasks with :func:`agentic_count` agentic ones, in a shuffled order.
-
-        Within a batch no row repeats while its side has enough rows (drawn without replacement).
-        """
-        if size < 0:
-            raise ValueError("size must be non-negative")
-        n_agentic = agentic_count(size, self.agentic_fraction, rng)
-        picks = [(True, i) for i in _draw(rng, len(self.agentic), n_agentic)]
-        picks += [(False, i) for i in _draw(rng, len(self.plain), size - n_agentic)]
-        order = rng.permutation(len(picks))
-        return [self._pick(*picks[j]) for j in order]
-
-    def iter_batches(self, size: int, seed: int = 0) -> Iterator[list[Task]]:
-        """Endless batches of ``size`` that go through each side in epochs: every agentic (and every
-        plain) row comes once before any comes again, each side reshuffled when it runs out.
-
-        Deterministic given ``seed``; the two sides keep their own epochs, so a small plain file
-        cycles more often than a large agentic one, and the ratio still holds per batch.
-        """
-        rng = np.random.default_rng(seed)
-        cursors = {True: _EpochCursor(len(self.agentic), rng), False: _EpochCursor(len(self.plain), rng)}
-        while True:
-            n_agentic = agentic_count(size, self.agentic_fraction, rng)
-            picks = [(True, cursors[True].next()) for _ in range(n_agentic)]
-            picks += [(False, cursors[False].next()) for _ in range(size - n_agentic)]
-            order = rng.permutation(len(picks))
-            yield [self._pick(*picks[j]) for j in order]
-
-    def _pick(self, agentic: bool, index: int) -> Task:
-        side = self.agentic if agentic else self.plain
-        return self._checked(side[index], agentic=agentic)
 
     @staticmethod
     def _checked(task: Task, agentic: bool) -> Task:
@@ -206,34 +147,6 @@ class MixedTaskSource(IndexedTaskSource):
     def __repr__(self) -> str:
         return (f"MixedTaskSource({len(self.agentic)} agentic, {len(self.plain)} plain, "
                 f"agentic_fraction={self.agentic_fraction})")
-
-
-class _EpochCursor:
-    """Walks a permutation of ``range(n)``, drawing a fresh one from ``rng`` at the end of each epoch."""
-
-    def __init__(self, n: int, rng: np.random.Generator):
-        self.n, self.rng = n, rng
-        self.order: np.ndarray = np.empty(0, dtype=np.int64)
-        self.pos = 0
-
-    def next(self) -> int:
-        if self.n == 0:
-            raise ValueError("cannot draw from an empty side")
-        if self.pos >= self.order.size:
-            self.order, self.pos = self.rng.permutation(self.n), 0
-        self.pos += 1
-        return int(self.order[self.pos - 1])
-
-
-def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
-    """``k`` indices below ``n``: without replacement when ``k <= n``, else every row then random extras."""
-    if k == 0:
-        return []
-    if n == 0:
-        raise ValueError(f"need {k} tasks from a side with no rows")
-    if k <= n:
-        return [int(i) for i in rng.choice(n, size=k, replace=False)]
-    return [int(i) for i in rng.permutation(n)] + [int(i) for i in rng.integers(n, size=k - n)]
 
 
 def _paths(value: Paths) -> Union[PathLike, list[PathLike]]:
