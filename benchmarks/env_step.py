@@ -184,7 +184,7 @@ def _tasks_with_png(n: int, width: int, height: int, jobs: int) -> Iterator:
 
 def build_parquet(path: Path, n: int, width: int, height: int, jobs: int) -> float:
     """Write (or reuse) the parquet file of ``n`` synthetic tasks; return seconds spent writing."""
-    from deepeyes_envs.datasets import write_deepeyes_parquet
+    from deepeyes_envs.data.parquet import write_deepeyes_parquet
 
     if path.exists():
         return 0.0
@@ -199,7 +199,7 @@ RSS_CHILD = """
 import sys, time
 import gymnasium as gym
 import deepeyes_envs
-from deepeyes_envs.datasets import load_deepeyes_parquet
+from deepeyes_envs.data.parquet import load_deepeyes_parquet
 
 def peak_mb():
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork+exec,

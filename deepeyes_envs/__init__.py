@@ -5,11 +5,11 @@ gymnasium, so ``gym.make("visual_toolbox_v2")`` works right after ``import deepe
 It never imports torch, transformers or ray.
 """
 
+from .data.tasks import BadRow, Task, TaskError, TaskImageError
 from .env import ToolEnv
 from .judges import Judge, JudgeRequest, Verdict, make_judge
 from .messages import render_qwen, render_qwen_observation
 from .registry import env_id_for, make_for_task, register_all, register_env, registered_envs
-from .tasks import BadRow, Task, TaskError, TaskImageError
 from .tools import Tool, ToolContext, ToolError, ToolResult, register_tool
 
 register_all()

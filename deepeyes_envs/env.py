@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 
 from . import prompts
+from .data.tasks import Task, TaskSource, as_task_source
 from .images import (
     MAX_DECODED_PIXELS,
     MAX_PIXELS,
@@ -45,7 +46,6 @@ from .messages import (
 from .parsing import ParsedTurn, ToolCall, parse_turn
 from .rewards import EpisodeOutcome, grounding_iou, score_episodes
 from .spaces import AgentTurnSpace, ConversationSpace
-from .tasks import Task, TaskSource, as_task_source
 from .tools import Tool, ToolContext, ToolError, make_tool
 
 logger = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ def resolve_task_source(spec: Any) -> TaskSource:
 
         return SyntheticTaskSource(**{"n": 1000, "seed": 0, **(spec or {})})
     if isinstance(spec, (str, os.PathLike)):
-        from .datasets import load_deepeyes_parquet
+        from .data.parquet import load_deepeyes_parquet
 
         return load_deepeyes_parquet(spec)
     return as_task_source(spec)

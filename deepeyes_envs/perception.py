@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .data.tasks import Task
 from .synthetic import COLORS, TOY_COLORS, Scene, Shape, SyntheticImage, ToyConfig, place_box, toy_task
-from .tasks import Task
 
 PERCEPTION_FAMILIES = ("color", "shape", "mark", "locate")
 MARK_SIDE = 13  # px: the marks of the zoom runs' tasks, readable in a zoom on the frame, not in the full view

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import gymnasium as gym
 import yaml
 
-from .tasks import Task
+from .data.tasks import Task
 from .tools import register_tool
 
 REGISTRY_FILE = Path(__file__).with_name("envs_registry.yaml")
@@ -75,6 +75,11 @@ def register_all() -> None:
 def registered_envs() -> dict[str, dict[str, Any]]:
     """env_name -> {"entry_point", "kwargs", "source"} for everything registered so far."""
     return {name: dict(spec) for name, spec in _registered.items()}
+
+
+def registered_env_names() -> frozenset[str]:
+    """The env names a row may carry right now: the built-in ones and every registered plugin's."""
+    return frozenset(_registered)
 
 
 def env_id_for(task: Union[Task, str, None]) -> str:

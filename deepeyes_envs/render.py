@@ -11,8 +11,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data.tasks import Box, Task
 from .messages import Message
-from .tasks import Box, Task
 
 ZOOM_COLOURS = ((230, 60, 60), (250, 160, 20), (60, 120, 240), (170, 60, 220), (20, 170, 170))
 GT_COLOUR = (40, 200, 60)

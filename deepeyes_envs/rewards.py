@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .data.tasks import Box, Task
 from .judges import Judge, JudgeRequest, Verdict
 from .judges.math import MathJudge, extract_boxed
 from .messages import IMAGE_PAD, VISION_END, VISION_START
-from .tasks import Box, Task
 
 MATH_SOURCES = frozenset({"thinklite_eureka"})
 MAX_ANSWER_CHARS = 1000

@@ -15,8 +15,8 @@ import re
 from collections.abc import Generator, Mapping
 from typing import Any
 
+from .data.tasks import Box, Task
 from .images import box_to_relative, box_to_seen
-from .tasks import Box, Task
 
 MIN_CROP_SIDE = 32  # the zoom tool rejects crops whose shorter side is 30 px or less
 

@@ -29,8 +29,8 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .data.tasks import IndexedTaskSource, Task, format_multiple_choice, option_letter
 from .images import MAX_DECODED_PIXELS, ImageError, LazyImage, encode_png
-from .tasks import IndexedTaskSource, Task, format_multiple_choice, option_letter
 
 RGB = tuple[int, int, int]
 IntBox = tuple[int, int, int, int]

@@ -13,8 +13,8 @@ from PIL import Image
 from test_env_v2 import gradient_image
 
 import deepeyes_envs  # noqa: F401
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.images import ImageError
-from deepeyes_envs.tasks import Task
 
 
 def zoom_args(arguments):

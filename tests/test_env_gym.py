@@ -13,8 +13,8 @@ from gymnasium.utils.env_checker import check_env
 from test_env_v2 import gradient_image
 
 import deepeyes_envs
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.registry import env_id_for, load_registry_file
-from deepeyes_envs.tasks import Task
 
 ENVS = ["visual_toolbox_v2", "visual_toolbox", "plain"]
 

@@ -81,7 +81,7 @@ def test_unknown_image_index_is_a_clear_error(env):
 
 
 def test_per_task_tool_list_and_override_of_max_turns():
-    from deepeyes_envs.tasks import Task
+    from deepeyes_envs.data.tasks import Task
 
     env = gym.make("visual_toolbox", max_turns=2)
     task = Task(question="q", answer="a", images=(gradient_image(),), tools=("image_rotate_tool",))

@@ -1,4 +1,5 @@
-"""Hybrid agentic/plain batches: exact per-batch ratios, routing by env_name, config construction."""
+"""Hybrid agentic/plain batches: the mixed source, the trainer's schedule over it (exact per-batch ratios,
+reproducible by seed), routing by env_name, construction from files."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from deepeyes_envs.datasets import write_deepeyes_parquet
-from deepeyes_envs.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
+from deepeyes_agent.training.tasks import MixedSchedule
+from deepeyes_envs.data.mixing import MixedTaskSource, agentic_count, route, split_by_env_name
+from deepeyes_envs.data.parquet import write_deepeyes_parquet
+from deepeyes_envs.data.tasks import ListTaskSource, Task
 from deepeyes_envs.synthetic import SyntheticTaskSource
-from deepeyes_envs.tasks import ListTaskSource
 
 
 def _tasks(n_agentic: int, n_plain: int) -> tuple[list, list]:
@@ -21,21 +23,25 @@ def _tasks(n_agentic: int, n_plain: int) -> tuple[list, list]:
     return agentic, plain
 
 
+def _batches(source: MixedTaskSource, size: int, n: int, seed: int = 0) -> list[list[Task]]:
+    """``n`` batches as the trainer draws them: the schedule picks indices, the source reads the rows."""
+    schedule = MixedSchedule(len(source.agentic), len(source.plain), source.agentic_fraction, seed)
+    return [[source[i] for i in schedule.take(size)] for _ in range(n)]
+
+
 def test_batches_hold_the_exact_ratio_and_route_each_row_to_its_env():
-    agentic, plain = _tasks(12, 9)
+    agentic, plain = _tasks(12, 18)  # whole epochs of both sides every few batches: no repeats within one
     source = MixedTaskSource(agentic, plain, agentic_fraction=0.25)
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        batch = source.batch(rng, 8)
+    batches = _batches(source, 8, 20)
+    for batch in batches:
         kinds = Counter("agentic" if t.env_name else "plain" for t in batch)
         assert kinds == {"agentic": 2, "plain": 6}
-        assert len({t.task_id for t in batch}) == 8  # no repeats within a batch
+        assert len({t.task_id for t in batch}) == 8
         groups = route(batch)
         assert sorted(groups) == ["plain", "visual_toolbox_v2"]
         assert all(not t.env_name for t in groups["plain"]) and len(groups["visual_toolbox_v2"]) == 2
     # the order inside a batch is shuffled: agentic rows are not always first
-    firsts = {bool(source.batch(rng, 8)[0].env_name) for _ in range(20)}
-    assert firsts == {True, False}
+    assert {bool(batch[0].env_name) for batch in batches} == {True, False}
 
 
 def test_fractional_counts_round_both_ways_with_the_exact_expectation():
@@ -49,9 +55,7 @@ def test_fractional_counts_round_both_ways_with_the_exact_expectation():
 def test_same_seed_same_batches_and_epochs_cover_every_row():
     agentic, plain = _tasks(6, 4)
     source = MixedTaskSource(agentic, plain, agentic_fraction=0.5)
-    first = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=7), range(6), strict=False)]
-    again = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=7), range(6), strict=False)]
-    other = [[t.task_id for t in b] for b, _ in zip(source.iter_batches(4, seed=8), range(6), strict=False)]
+    first, again, other = ([[t.task_id for t in b] for b in _batches(source, 4, 6, seed)] for seed in (7, 7, 8))
     assert first == again and first != other
     seen = [tid for b in first for tid in b]
     # 6 batches x 2 agentic = 12 = two agentic epochs: each agentic row exactly twice
@@ -64,11 +68,11 @@ def test_a_row_on_the_wrong_side_is_an_error_not_a_silent_ratio_change():
     agentic, plain = _tasks(3, 3)
     source = MixedTaskSource(agentic, agentic, agentic_fraction=0.5)  # "plain" side holds agentic rows
     with pytest.raises(ValueError, match="plain rows but has env_name"):
-        source.batch(np.random.default_rng(0), 4)
+        _batches(source, 4, 1)
     with pytest.raises(ValueError, match="no plain rows"):
         MixedTaskSource(agentic, [], agentic_fraction=0.5)
     only_agentic = MixedTaskSource(agentic, [], agentic_fraction=1.0)
-    assert all(t.env_name for t in only_agentic.batch(np.random.default_rng(0), 5))
+    assert all(t.env_name for t in _batches(only_agentic, 5, 1)[0])
     with pytest.raises(ValueError, match="within"):
         MixedTaskSource(agentic, plain, agentic_fraction=1.5)
 
@@ -80,10 +84,8 @@ def test_from_config_splits_one_parquet_file_by_env_name(tmp_path):
                            path, row_group_size=3)
     source = MixedTaskSource.from_config(data=str(path), agentic_fraction=0.75)
     assert (len(source.agentic), len(source.plain), len(source)) == (5, 3, 8)
-    batch = source.batch(np.random.default_rng(0), 4)
+    assert [t.task_id for t in source] == ["a0", "a1", "a2", "a3", "a4", "p0", "p1", "p2"]  # file order per side
+    (batch,) = _batches(source, 4, 1)
     assert sum(bool(t.env_name) for t in batch) == 3
-    assert {t.task_id for t in batch if not t.env_name} <= {"p0", "p1", "p2"}
-    same = MixedTaskSource.from_mapping({"agentic_fraction": 0.75, "data": [str(path)]})
-    assert [t.task_id for t in same.batch(np.random.default_rng(0), 4)] == [t.task_id for t in batch]
     a, p = split_by_env_name(ListTaskSource(agentic + plain))
     assert [t.task_id for t in p] == ["p0", "p1", "p2"] and len(a) == 5

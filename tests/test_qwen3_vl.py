@@ -25,10 +25,10 @@ from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.hf_engine import HFEngine
 from deepeyes_agent.rollout.loop import env_kwargs_for, run_episodes
 from deepeyes_agent.rollout.scripted import ScriptedActions, zoom_script
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import render_qwen
 from deepeyes_envs.scripted import answer_turn
-from deepeyes_envs.tasks import Task
 
 torch.set_num_threads(2)
 TOL = 1e-4

@@ -4,6 +4,7 @@ import gymnasium as gym
 import pytest
 
 import deepeyes_envs  # noqa: F401
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.judges import Judge, JudgeRequest, Verdict
 from deepeyes_envs.judges.rules import RuleJudge
 from deepeyes_envs.rewards import (
@@ -14,7 +15,6 @@ from deepeyes_envs.rewards import (
     score_episodes,
     visual_format_problems,
 )
-from deepeyes_envs.tasks import Task
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 

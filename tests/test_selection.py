@@ -17,7 +17,7 @@ from fault_server import FaultServer
 from deepeyes_agent.offline.chunk_log import ChunkLog, SettingsMismatchError
 from deepeyes_agent.offline.selection import SelectionConfig, SelectionRules, main, run_selection
 from deepeyes_agent.rollout.runners import EndpointRunner
-from deepeyes_envs.datasets import write_deepeyes_parquet
+from deepeyes_envs.data.parquet import write_deepeyes_parquet
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 

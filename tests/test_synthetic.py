@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepeyes_envs.data.tasks import TaskSource, option_letter
 from deepeyes_envs.images import LazyImage
 from deepeyes_envs.synthetic import (
     COLORS,
@@ -21,7 +22,6 @@ from deepeyes_envs.synthetic import (
     toy_task,
     visual_search_task,
 )
-from deepeyes_envs.tasks import TaskSource, option_letter
 
 SMALL = VisualSearchConfig(width=480, height=320)
 

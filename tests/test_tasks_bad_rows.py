@@ -1,6 +1,6 @@
 """Bad rows never stop a run silently or by a traceback: each is found, skipped when asked, and reported
 with its index and reason (the row validator, skipping sources, typed errors at decode time, the
-``python -m deepeyes_envs.datasets check`` command)."""
+``python -m deepeyes_envs.data.check`` command)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from test_env_bad_input import png_header_only
 from test_tasks_parquet import deepeyes_row
 
 import deepeyes_envs  # noqa: F401  (registers the envs)
-from deepeyes_envs import datasets
-from deepeyes_envs.datasets import check_deepeyes_parquet, load_deepeyes_parquet, validate_deepeyes_row
+from deepeyes_envs.data import check
+from deepeyes_envs.data.check import check_deepeyes_parquet
+from deepeyes_envs.data.deepeyes_rows import validate_deepeyes_row
+from deepeyes_envs.data.parquet import load_deepeyes_parquet
+from deepeyes_envs.data.tasks import BadRow, Task, TaskError, TaskImageError
 from deepeyes_envs.images import ImageError, LazyImage, encode_png
-from deepeyes_envs.tasks import BadRow, Task, TaskError, TaskImageError
 
 
 def png(h: int = 40, w: int = 50, value: int = 9) -> bytes:
@@ -139,7 +141,7 @@ def test_check_decodes_one_image_at_a_time(tmp_path, monkeypatch):
 
 
 def test_the_check_command_prints_each_bad_row_and_a_summary(sixteen_rows, tmp_path, capsys):
-    assert datasets.main(["check", str(sixteen_rows)]) == 1
+    assert check.main([str(sixteen_rows)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 5
     assert out[0].startswith(f"{sixteen_rows}: row 2 [images[0]]: row 2 (vstar-2) image 0: cannot read image")
@@ -147,19 +149,19 @@ def test_the_check_command_prints_each_bad_row_and_a_summary(sixteen_rows, tmp_p
     assert out[4] == f"{sixteen_rows}: 16 rows, 4 bad (25.00%)"
     clean = tmp_path / "clean.parquet"
     write(clean, [deepeyes_row(i, env_name="visual_toolbox_v2") for i in range(3)])
-    assert datasets.main(["check", str(clean)]) == 0
+    assert check.main([str(clean)]) == 0
     assert capsys.readouterr().out == f"{clean}: 3 rows, 0 bad (0.00%)\n"
-    assert datasets.main(["check", "--no-decode", str(sixteen_rows)]) == 1
+    assert check.main(["--no-decode", str(sixteen_rows)]) == 1
     assert capsys.readouterr().out.splitlines()[-1].endswith("16 rows, 1 bad (6.25%)")  # fields only
     not_parquet = tmp_path / "notes.parquet"
     not_parquet.write_text("not parquet")
-    assert datasets.main(["check", str(not_parquet), str(clean)]) == 2
+    assert check.main([str(not_parquet), str(clean)]) == 2
     captured = capsys.readouterr()
     assert "cannot read parquet file" in captured.err and "3 rows, 0 bad" in captured.out
 
 
 def test_the_check_command_runs_as_a_module(sixteen_rows):
-    out = subprocess.run([sys.executable, "-m", "deepeyes_envs.datasets", "check", str(sixteen_rows)],
+    out = subprocess.run([sys.executable, "-m", "deepeyes_envs.data.check", str(sixteen_rows)],
                          capture_output=True, text=True)
     assert out.returncode == 1, out.stderr
     assert out.stdout.splitlines()[-1] == f"{sixteen_rows}: 16 rows, 4 bad (25.00%)"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepeyes_envs.datasets import load_hf_dataset
+from deepeyes_envs.data.hf import load_hf_dataset
+from deepeyes_envs.data.tasks import TaskError, TaskSource
 from deepeyes_envs.images import LazyImage
-from deepeyes_envs.tasks import TaskError, TaskSource
 
 datasets = pytest.importorskip("datasets")
 

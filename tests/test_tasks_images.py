@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepeyes_envs.datasets import task_from_deepeyes_row
+from deepeyes_envs.data.deepeyes_rows import task_from_deepeyes_row
 from deepeyes_envs.images import MAX_DECODED_PIXELS, ImageError
 
 

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from deepeyes_envs.datasets import load_deepeyes_parquet, write_deepeyes_parquet
+    from deepeyes_envs.data.parquet import load_deepeyes_parquet, write_deepeyes_parquet
     from deepeyes_envs.images import LazyImage
     from deepeyes_envs.synthetic import SyntheticTaskSource
 

@@ -10,17 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deepeyes_envs.datasets import (
-    REQUIRED_FIELDS,
-    ParquetTaskSource,
-    load_deepeyes_parquet,
-    task_from_deepeyes_row,
-    write_deepeyes_parquet,
-)
+from deepeyes_envs.data.deepeyes_rows import REQUIRED_FIELDS, task_from_deepeyes_row
+from deepeyes_envs.data.parquet import ParquetTaskSource, load_deepeyes_parquet, write_deepeyes_parquet
+from deepeyes_envs.data.tasks import ConcatTaskSource, Task, TaskError, TaskSource, env_name_of
 from deepeyes_envs.images import ImageError, LazyImage, encode_png
 from deepeyes_envs.prompts import SYSTEM_PROMPT_V2, USER_PROMPT_V2
 from deepeyes_envs.synthetic import SyntheticTaskSource
-from deepeyes_envs.tasks import ConcatTaskSource, Task, TaskError, TaskSource, env_name_of
 
 
 def _png(h: int = 12, w: int = 16, value: int = 0) -> bytes:

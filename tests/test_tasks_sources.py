@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepeyes_envs.tasks import (
+from deepeyes_envs.data.tasks import (
     ConcatTaskSource,
     ListTaskSource,
     Task,
@@ -83,7 +83,8 @@ def test_multiple_choice_text():
 
 def test_importing_the_package_and_loaders_pulls_in_no_heavy_dependency():
     code = (
-        "import sys, deepeyes_envs, deepeyes_envs.datasets, deepeyes_envs.synthetic\n"
+        "import sys, deepeyes_envs, deepeyes_envs.synthetic\n"
+        "import deepeyes_envs.data.check, deepeyes_envs.data.hf, deepeyes_envs.data.mixing, deepeyes_envs.data.parquet\n"
         "heavy = [m for m in ('torch', 'transformers', 'ray', 'datasets') if m in sys.modules]\n"
         "print(heavy)\n"
     )

@@ -10,8 +10,9 @@ import pytest
 
 from deepeyes_agent.training.config import load_config
 from deepeyes_agent.training.tasks import MixedSchedule, make_schedule, make_task_source
-from deepeyes_envs.datasets import task_to_deepeyes_row, write_deepeyes_parquet
-from deepeyes_envs.mixing import MixedTaskSource
+from deepeyes_envs.data.deepeyes_rows import task_to_deepeyes_row
+from deepeyes_envs.data.mixing import MixedTaskSource
+from deepeyes_envs.data.parquet import write_deepeyes_parquet
 from deepeyes_envs.synthetic import SyntheticTaskSource
 
 

@@ -36,8 +36,8 @@ from typing import Optional
 
 import numpy as np
 
+from deepeyes_envs.data.tasks import Task, TaskError, format_multiple_choice, option_letter
 from deepeyes_envs.images import LazyImage
-from deepeyes_envs.tasks import Task, TaskError, format_multiple_choice, option_letter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VSTAR_CATEGORIES = ("direct_attributes", "relative_position")

@@ -48,9 +48,9 @@ from deepeyes_agent.settings import (
     section_from_arguments,
     setting,
 )
-from deepeyes_envs.datasets import load_deepeyes_parquet
+from deepeyes_envs.data.parquet import load_deepeyes_parquet
+from deepeyes_envs.data.tasks import Task, TaskError, TaskSource
 from deepeyes_envs.images import ImageError, LazyImage, to_rgb_array
-from deepeyes_envs.tasks import Task, TaskError, TaskSource
 
 MIN_IMAGE_SIDE = 28  # Qwen-VL's patch merge factor: a smaller side cannot even form one visual token
 

@@ -40,12 +40,12 @@ from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_model, load
 from deepeyes_agent.policy.logprobs import model_inputs, sampling_logits, token_logprobs
 from deepeyes_agent.policy.tiny import build_tiny_qwen2_5_vl
 from deepeyes_agent.settings import Section, setting
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.images import seen_size
 from deepeyes_envs.messages import image_part, message
 from deepeyes_envs.perception import locate_task, perception_tasks
 from deepeyes_envs.prompts import PLAIN_SYSTEM_PROMPT, PLAIN_USER_PROMPT
 from deepeyes_envs.rewards import box_centre_inside, box_iou
-from deepeyes_envs.tasks import Task
 
 # Bump when the pretraining code changes what it produces: the cache key includes it.
 RECIPE_VERSION = 7

@@ -31,12 +31,12 @@ from deepeyes_agent.rollout.engine import SamplingParams
 from deepeyes_agent.rollout.loop import end_trajectory, judge_trajectories, open_episode, step_turn
 from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.http import LoopThread, RetryPolicy, async_openai_client, is_retryable
 from deepeyes_envs.judges import JudgeSpec
 from deepeyes_envs.messages import IM_END, Message, message_images
 from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.rewards import EpisodeOutcome
-from deepeyes_envs.tasks import Task
 
 END_OF_TURN = IM_END
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

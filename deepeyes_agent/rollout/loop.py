@@ -41,11 +41,11 @@ from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.rollout.engine import Engine, Generation, SamplingParams
 from deepeyes_agent.rollout.seeding import derive_seed
 from deepeyes_agent.rollout.trajectory import Trajectory, TrajectoryBatch, Turn
+from deepeyes_envs.data.tasks import BadRow, Task, TaskError
 from deepeyes_envs.judges import JudgeSpec, make_judge
 from deepeyes_envs.messages import message_images
 from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.rewards import EpisodeOutcome, score_episodes
-from deepeyes_envs.tasks import BadRow, Task, TaskError
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=512, temperature=1.0)
 

@@ -16,8 +16,8 @@ from deepeyes_agent.policy.loading import QwenVLImageProcessor, load_processor
 from deepeyes_agent.rollout.engine import Engine, SamplingParams
 from deepeyes_agent.rollout.factory import EngineKind, make_engine
 from deepeyes_agent.rollout.trajectory import TrajectoryBatch
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.judges import JudgeSpec
-from deepeyes_envs.tasks import Task
 
 
 class Runner(Protocol):

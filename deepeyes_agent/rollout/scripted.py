@@ -16,8 +16,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.scripted import answer_turn, box_in_frame, zoom_turn
-from deepeyes_envs.tasks import Task
 
 # Zoom boxes as fractions of the original image: three crops of clearly different sizes and shapes.
 DEFAULT_ZOOMS = ((0.0, 0.0, 0.75, 0.75), (0.25, 0.4, 1.0, 0.7), (0.5, 0.1, 0.8, 0.9))

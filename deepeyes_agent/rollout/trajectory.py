@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.messages import Message, message
-from deepeyes_envs.tasks import Task
 
 if TYPE_CHECKING:
     from deepeyes_agent.policy.chat import EpisodeContext

@@ -47,7 +47,7 @@ class DataConfig(Section):
                                "toy_zoom (needs the zoom tool) or visual_search (V*-like).")
     options: dict = setting({}, "Overrides of the synthetic family's config, e.g. {difficulty: 0.5, n_colors: 4}.")
     columns: dict = setting({}, "hf: sources: task field -> column name, where the dataset's names differ "
-                                "(deepeyes_envs.datasets.DEFAULT_COLUMNS).")
+                                "(deepeyes_envs.data.hf.DEFAULT_COLUMNS).")
     agentic_fraction: Optional[float] = setting(None, "Share of each iteration's prompts drawn from agentic rows "
                                                       "(env_name set); the rest are plain rows (env_name empty), as "
                                                       "DeepEyes mixes them in one batch. None: rows in the file's "

@@ -12,9 +12,9 @@ from deepeyes_agent.policy.chat import EpisodeContext, VisionTokenizer
 from deepeyes_agent.policy.loading import QwenVLImageProcessor
 from deepeyes_agent.rollout.loop import env_kwargs_for
 from deepeyes_agent.training.config import EnvConfig
+from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.registry import env_id_for
 from deepeyes_envs.scripted import answer_turn, scripted_turns
-from deepeyes_envs.tasks import Task
 
 DIRECT_THOUGHT = "I can see it."
 

@@ -13,10 +13,11 @@ from typing import Any, Literal
 import numpy as np
 
 from deepeyes_agent.training.config import DataConfig
-from deepeyes_envs.datasets import load_deepeyes_parquet, load_hf_dataset
-from deepeyes_envs.mixing import MixedTaskSource, SubsetTaskSource, agentic_count, split_by_env_name
+from deepeyes_envs.data.hf import load_hf_dataset
+from deepeyes_envs.data.mixing import MixedTaskSource, SubsetTaskSource, agentic_count, split_by_env_name
+from deepeyes_envs.data.parquet import load_deepeyes_parquet
+from deepeyes_envs.data.tasks import ListTaskSource, TaskSource
 from deepeyes_envs.synthetic import SyntheticTaskSource
-from deepeyes_envs.tasks import ListTaskSource, TaskSource
 
 HF_PREFIX = "hf:"  # data.source / data.eval_path: a Hugging Face dataset held in local files
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from ..tasks import Task
+from ..data.tasks import Task
 
 
 class ToolError(Exception):

@@ -295,7 +295,7 @@ class DeepEyesAlgorithm(Algorithm):
         if len(self.rows_read) >= 1.0 / share and bad > share * len(self.rows_read):
             raise BadDataError(f"{bad} of the {len(self.rows_read)} training rows read so far cannot be played, more "
                                f"than data.max_bad_row_share = {share:.2%}; they are listed in skipped_rows.jsonl "
-                               "(`python -m deepeyes_envs.datasets check FILE` reports every bad row of a file)")
+                               "(`python -m deepeyes_envs.data.check FILE` reports every bad row of a file)")
         return fresh
 
     def trajectories_to_keep(self, iteration: int) -> int:

@@ -34,8 +34,8 @@ from deepeyes_agent.rollout.metrics import episode_metrics
 from deepeyes_agent.rollout.trajectory import Trajectory
 from deepeyes_agent.training.batch import PackedEpisode
 from deepeyes_agent.training.tasks import make_task_source
+from deepeyes_envs.data.tasks import BadRow, Task, TaskError
 from deepeyes_envs.judges import make_judge
-from deepeyes_envs.tasks import BadRow, Task, TaskError
 
 
 @dataclass

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import numpy as np
 
-from .images import MAX_DECODED_PIXELS, ImageError, ImageLike, seen_size, to_rgb_array
+from ..images import MAX_DECODED_PIXELS, ImageError, ImageLike, seen_size, to_rgb_array
 
 Box = tuple[float, float, float, float]
+PathLike = Union[str, os.PathLike]  # a file name, as every loader of this package takes one
 
 
 class TaskError(ValueError):
