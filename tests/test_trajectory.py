@@ -79,3 +79,11 @@ def test_html(batch) -> None:
     assert "turn 4" in page and "ground truth" in page and "IoU" in page and "scripted turn" in page
     table = batch._repr_html_()
     assert table.count("<details><summary>#") == len(batch) and "tool calls" in table and traj.uid in table
+
+
+def test_batch_summary_reads_like_the_training_log(batch) -> None:
+    summary = batch.summary()
+    assert summary["episodes"] == len(batch) == 2
+    assert summary["tool_calls"] == sum(t.n_tool_calls for t in batch) / 2 > 0  # the scripted turns zoom
+    assert summary["tool_call_rate"] == 1.0 and summary["response_length"] == sum(t.n_generated_tokens for t in batch) / 2
+    assert "iou" in summary and "acc_with_tool" in summary  # the grounding and control numbers of the run log

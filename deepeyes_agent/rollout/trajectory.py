@@ -218,16 +218,12 @@ class TrajectoryBatch(list):
         self.timings: dict[str, float] = dict(timings or {})
 
     def summary(self) -> dict[str, float]:
-        """Means over the batch: reward, accuracy, tool calls, turns, generated tokens."""
+        """The batch's numbers as training logs them (``rollout.metrics``), over the episodes played, so a batch
+        debugged in a notebook reads like a line of the run log."""
+        from deepeyes_agent.rollout.metrics import batch_metrics, episode_metrics  # it builds on this module
+
         played = [t for t in self if not t.skipped]
-        if not played:
-            return {"episodes": 0.0}
-        mean = lambda xs: float(np.mean(list(xs)))  # noqa: E731
-        return {"episodes": float(len(played)), "reward": mean(t.reward for t in played),
-                "acc": mean(t.acc for t in played), "tool_calls": mean(t.n_tool_calls for t in played),
-                "turns": mean(t.n_turns for t in played),
-                "generated_tokens": mean(t.n_generated_tokens for t in played),
-                "truncated": mean(float(t.truncated) for t in played)}
+        return {"episodes": float(len(played)), **batch_metrics([episode_metrics(t) for t in played])}
 
     def groups(self) -> dict[int, list[Trajectory]]:
         """Trajectories by ``group_id`` (the rollouts of one task)."""
