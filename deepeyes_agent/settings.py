@@ -39,9 +39,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def setting(default: Any, help: str, **constraints: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
-    """A field with a default and the help text that ``--describe`` prints (``ge=0`` and such pass through)."""
-    return Field(default, description=help, **constraints)
+def setting(default: Any, help: str, *, names: tuple[str, ...] = (), **constraints: Any) -> Any:  # noqa: A002
+    """A field with a default and the help text that ``--describe`` prints (``ge=0`` and such pass through).
+    ``names``: what each value of a fixed tuple is, for the command line's ``--help`` (``("LOW", "HIGH")``)."""
+    return Field(default, description=help, json_schema_extra={"names": list(names)} if names else None,
+                 **constraints)
 
 
 def _judge_spec(spec: Any) -> Union[str, dict[str, Any]]:
@@ -68,6 +70,11 @@ _JUDGE_HELP = ("Judge spec: 'rule', 'llm' (URL from $LLM_AS_A_JUDGE_BASE, model 
 def judge_setting() -> Any:
     """The judge field of a section: rule-based unless set, with the one help text."""
     return setting("rule", _JUDGE_HELP)
+
+
+def judge_text(spec: JudgeSetting) -> str:
+    """A judge spec as a user writes it (a name, or the mapping as JSON), for reports."""
+    return spec if isinstance(spec, str) else json.dumps(spec)
 
 
 def leaf_settings(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
@@ -139,6 +146,8 @@ def add_section_arguments(container: argparse._ActionsContainer, section: type[S
         default = _shown(info.get_default(call_default_factory=True))
         help_text = f"{info.description or ''} (default: {default})".replace("%", "%%")
         kind, nullable = _option_kind(info.annotation)
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("names"):
+            kind["metavar"] = tuple(info.json_schema_extra["names"])
         switchable = nullable and info.default is not None
         target = container.add_mutually_exclusive_group() if switchable else container
         target.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, **kind)

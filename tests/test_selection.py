@@ -100,12 +100,15 @@ def test_selection_keeps_by_rule_copies_rows_verbatim_and_reports(tmp_path):
         script.server = server
         runner = EndpointRunner(server.base_url, concurrency=1)
         config = SelectionConfig(k=4, batch_size=2)
-        result = run_selection(data, tmp_path / "out.parquet", runner, config=config, progress=False)
-        requests = server.chat_requests
-        # other rules: re-filtered from the recorded pass rates, not one episode played again
-        other = run_selection(data, tmp_path / "out2.parquet", runner, config=config, progress=False,
-                              work_dir=tmp_path / "out_selection",
-                              rules=SelectionRules(band=(0.0, 0.5), plain_max=None, tools_help=True, combine="any"))
+        try:
+            result = run_selection(data, tmp_path / "out.parquet", runner, config=config, progress=False)
+            requests = server.chat_requests
+            # other rules: re-filtered from the recorded pass rates, not one episode played again
+            other = run_selection(data, tmp_path / "out2.parquet", runner, config=config, progress=False,
+                                  work_dir=tmp_path / "out_selection", rules=SelectionRules(
+                                      band=(0.0, 0.5), plain_max=None, tools_help=True, combine="any"))
+        finally:
+            runner.close()
         assert server.chat_requests == requests
     assert requests == 4 * 4 * 2  # row 3 (a 20 px image) was never played
     by_row = {r["row"]: r for r in result.records}

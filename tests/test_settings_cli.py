@@ -5,6 +5,7 @@ default; bad values are the same errors a config file gets."""
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Literal, Optional
 
 import pytest
@@ -16,6 +17,7 @@ from deepeyes_agent.settings import (
     Section,
     add_section_arguments,
     judge_setting,
+    judge_text,
     section_from_arguments,
     setting,
 )
@@ -166,3 +168,9 @@ def test_help_runs_and_shows_every_sections_defaults(command, capsys):
         for name, info in section.model_fields.items():
             assert f"--{name.replace('_', '-')}" in text and " ".join(info.description.split()) in text, name
     assert "(default: rule)" in text
+
+
+def test_reports_write_the_judge_as_the_user_does():
+    assert judge_text("rule") == "rule"
+    spec = {"type": "llm", "base_url": "http://127.0.0.1:8001/v1", "model": "judge"}
+    assert json.loads(judge_text(spec)) == spec  # JSON, not a Python repr with single quotes

@@ -48,6 +48,7 @@ from deepeyes_agent.settings import (
     build,
     given_arguments,
     judge_setting,
+    judge_text,
     setting,
 )
 from deepeyes_envs.judges import Judge, JudgeRequest, Verdict, make_judge, match_rules, option_letter
@@ -123,7 +124,8 @@ class EvalConfig(Section):
                                    "is set by max_turns.")
     batch_size: int = setting(8, "Samples per chunk (the unit of resuming).", ge=1)
     judge: JudgeSetting = judge_setting()
-    synthetic_size: tuple[int, int] = setting((1920, 1080), "Image size (width, height) of the synthetic benchmark.")
+    synthetic_size: tuple[int, int] = setting((1920, 1080), "Image size (width, height) of the synthetic benchmark.",
+                                            names=("W", "H"))
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
@@ -284,9 +286,7 @@ def evaluation_report(results: Mapping[str, Any], out_dir: Path) -> str:
 
 
 def _judge_line(spec: Any) -> str:
-    if spec == "rule":
-        return "nothing (rule-only)"
-    return f"the judge `{spec if isinstance(spec, str) else json.dumps(spec)}`"
+    return "nothing (rule-only)" if spec == "rule" else f"the judge `{judge_text(spec)}`"
 
 
 # ---------------------------------------------------------------------------------------------- the command
@@ -326,8 +326,7 @@ def run_evaluation(benchmarks: Sequence[Benchmark], runner: Runner, out_dir: str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.offline.evaluate",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     description=__doc__.split("\n")[0])
     add_policy_arguments(parser)
     parser.add_argument("--run-settings", metavar="DIR",
                         help="take the env, turn and token defaults (and the heldout benchmark) from this export, run "

@@ -45,6 +45,7 @@ from deepeyes_agent.settings import (
     Section,
     add_section_arguments,
     judge_setting,
+    judge_text,
     section_from_arguments,
     setting,
 )
@@ -68,7 +69,8 @@ class SelectionRules(Section):
 
     model_config = ConfigDict(frozen=True)
 
-    band: Optional[tuple[float, float]] = setting((0.0, 0.5), "Keep low < pass rate with tools < high.")
+    band: Optional[tuple[float, float]] = setting((0.0, 0.5), "Keep low < pass rate with tools < high.",
+                                                names=("LOW", "HIGH"))
     plain_max: Optional[float] = setting(0.0, "Keep pass rate without tools <= this.")
     tools_help: bool = setting(False, "Also require pass rate with tools > without.")
     combine: Literal["all", "any"] = setting("all", "Keep rows passing every enabled rule, or any one.")
@@ -349,7 +351,7 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
              f"- policy: `{policy.get('path') or policy.get('model')}` ({policy.get('kind')}"
              f"{', engine ' + policy['engine'] if 'engine' in policy else ''})",
              f"- k = {config.k} rollouts with tools and {config.k} without, temperature {config.temperature}, "
-             f"max {config.max_tokens} tokens per turn, seed {config.seed}, judge `{config.judge}`",
+             f"max {config.max_tokens} tokens per turn, seed {config.seed}, judge `{judge_text(config.judge)}`",
              f"- this invocation: {elapsed:.1f} s"]
     report = selection_report(records, rules, config, total_rows=len(source), kept=len(kept_rows),
                               out_dir=work, title_lines=title)
@@ -361,8 +363,7 @@ def run_selection(data: str | os.PathLike, out: str | os.PathLike, runner: Runne
 # ---------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deepeyes_agent.offline.selection",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     description=__doc__.split("\n")[0])
     add_policy_arguments(parser)
     io_ = parser.add_argument_group("data")
     io_.add_argument("--data", required=True, help="DeepEyes parquet file to select from")

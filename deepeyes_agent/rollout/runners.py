@@ -127,13 +127,16 @@ def add_policy_arguments(parser: Any) -> None:
                                         "directory (its final policy) or a checkpoint (checkpoints/iter_N)")
     which.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     group.add_argument("--model", help="model name at the endpoint (default: the first of GET /models)")
-    group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="endpoint key (default EMPTY)")
-    group.add_argument("--concurrency", type=int, default=8, help="episodes in flight against the endpoint")
-    group.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="engine for --policy")
-    group.add_argument("--device", default="cpu")
-    group.add_argument("--dtype", default="float32")
-    group.add_argument("--min-pixels", type=int, help="override the processor's pixel budget")
-    group.add_argument("--max-pixels", type=int, help="override the processor's pixel budget")
+    group.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                       help="endpoint key (default: $OPENAI_API_KEY, else EMPTY)")
+    group.add_argument("--concurrency", type=int, default=8,
+                       help="episodes in flight against the endpoint (default: %(default)s)")
+    group.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                       help="engine for --policy (default: %(default)s)")
+    group.add_argument("--device", default="cpu", help="torch device for --policy (default: %(default)s)")
+    group.add_argument("--dtype", default="float32", help="weights dtype for --policy (default: %(default)s)")
+    group.add_argument("--min-pixels", type=int, help="override the processor's pixel budget (default: the model's)")
+    group.add_argument("--max-pixels", type=int, help="override the processor's pixel budget (default: the model's)")
     group.add_argument("--max-total-tokens", type=int, help="context budget per episode (prompt + response; "
                                                             "default: the run's, for a policy from a run)")
 
