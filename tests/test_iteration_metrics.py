@@ -49,7 +49,7 @@ def test_learner_sums_become_per_token_means_and_the_played_batch_is_what_is_des
     assert m["async/staleness_max"] == 1.0 and m["async/is_weight_mean"] == pytest.approx(0.8)
     assert m["time/judge_s"] == 1.0 and m["time/generate_s"] == 1.0 and m["time/update_s"] == 0.5
     assert m["judge/requests"] == 3.0 and "judge/note" not in m  # counters summed, text left out
-    assert m["env_runner_pids"] == [1, 2] and m["health/dropped_groups"] == 1.0
+    assert m["env_runner_pids"] == (1, 2) and m["health/dropped_groups"] == 1.0
     assert "value_loss" not in m  # no critic
 
 

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from deepeyes_agent.rollout.trajectory import Trajectory
 from deepeyes_envs.rewards import box_centre_inside
+
+if TYPE_CHECKING:  # the trajectory's batch summary is built from these metrics
+    from deepeyes_agent.rollout.trajectory import Trajectory
 
 
 def episode_metrics(traj: Trajectory) -> dict[str, float | None]:

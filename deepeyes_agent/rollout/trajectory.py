@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from deepeyes_agent.rollout.metrics import batch_metrics, episode_metrics
 from deepeyes_envs.data.tasks import Task
 from deepeyes_envs.messages import Message, message
 
@@ -220,8 +221,6 @@ class TrajectoryBatch(list):
     def summary(self) -> dict[str, float]:
         """The batch's numbers as training logs them (``rollout.metrics``), over the episodes played, so a batch
         debugged in a notebook reads like a line of the run log."""
-        from deepeyes_agent.rollout.metrics import batch_metrics, episode_metrics  # it builds on this module
-
         played = [t for t in self if not t.skipped]
         return {"episodes": float(len(played)), **batch_metrics([episode_metrics(t) for t in played])}
 

@@ -72,6 +72,7 @@ def iteration_metrics(*, played: Sequence[Any], learned: Sequence[PackedEpisode]
         for k, v in r.judge_stats.items():
             if isinstance(v, (int, float)):
                 metrics[f"judge/{k}"] = metrics.get(f"judge/{k}", 0.0) + float(v)
-    metrics["env_runner_nodes"] = sorted({r.node_id for r in results})
-    metrics["env_runner_pids"] = sorted({r.pid for r in results})
+    # Tuples, not lists: the record travels through RLlib's metrics logger, whose result unwraps one-element lists.
+    metrics["env_runner_nodes"] = tuple(sorted({r.node_id for r in results}))
+    metrics["env_runner_pids"] = tuple(sorted({r.pid for r in results}))
     return metrics
